@@ -1,0 +1,95 @@
+"""SentencePiece tokenizer: train a Llama-style BPE model, or load an existing `tokenizer.model`."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """A sentencepiece model with its checksum: shards and checkpoints name the tokenizer they were made with."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
+        self.sha256 = file_sha256(self.path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+def _lines(documents: Iterable[str], max_lines: int) -> Iterator[str]:
+    """sentencepiece trains on 'sentences'; for code and prose a line is the natural unit."""
+    n = 0
+    for doc in documents:
+        for line in doc.splitlines():
+            if line.strip():
+                yield line
+                n += 1
+                if n >= max_lines:
+                    return
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, output: Path, max_lines: int = 400_000) -> Tokenizer:
+    """Train a BPE model like Llama's (byte fallback, unk=0 bos=1 eos=2, digits split, whitespace kept as is)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = output.parent / f".{output.stem}.tmp"  # renamed into place only once training has finished
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(documents, max_lines),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        max_sentence_length=1 << 14,
+        num_threads=2,
+        minloglevel=2,
+    )
+    Path(f"{prefix}.vocab").unlink(missing_ok=True)
+    Path(f"{prefix}.model").replace(output)
+    return Tokenizer(output)

@@ -1,0 +1,122 @@
+"""Time the trainer's own training step (model, FSDP2 sharding, optimizer) on synthetic tokens; one JSON line.
+
+    python -m eval.bench --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
+    python -m eval.bench --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
+
+One step is what train.py runs per optimizer step: forward, backward, gradient clipping, AdamW, over
+global_batch_size / (micro_batch_size x world) micro-batches. tokens_per_s = tokens per step / median step time.
+On a CPU, `mfu` is measured against this machine's own matmul peak in the step's compute dtype (a large
+torch.matmul timed in the same process); on a GPU, against the device's listed bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from model.config import flops_per_token
+from model.llama import count_parameters
+from training.config import TrainConfig, parse_config
+from training.loop import make_optimizer, train_step
+from training.metrics import device_peak_flops
+from training.setup import build_model, launch
+
+
+def add_bench_args(parser) -> None:
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (0: counts only)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "32-true" else torch.bfloat16
+
+
+def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """This CPU's achievable matmul FLOP/s in `dtype` at the current thread count (median of `reps`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def counts(cfg: TrainConfig) -> dict:
+    total, active = count_parameters(cfg.model)
+    return {
+        "params_total": total,
+        "params_active": active,
+        "flops_per_token": flops_per_token(cfg.model, cfg.seq_len),
+        "model": cfg.model.to_dict(),
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.global_batch_size,
+        "precision": cfg.precision,
+    }
+
+
+def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict:
+    fabric = launch(cfg)
+    model = fabric.setup_module(build_model(cfg))
+    optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
+    accum = cfg.grad_accumulation(fabric.world_size)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shape = ((warmup + steps) * accum, cfg.micro_batch_size, cfg.seq_len + 1)
+    batches = iter(torch.randint(0, cfg.model.vocab_size, shape, generator=generator))
+    if fabric.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    times, losses = [], []
+    for i in range(warmup + steps):
+        if fabric.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False)
+        elapsed = time.perf_counter() - t0  # train_step ends on a host sync (the reduced loss)
+        losses.append(result.loss)
+        if i >= warmup:
+            times.append(elapsed)
+
+    record = counts(cfg)
+    step_s = statistics.median(times)
+    tokens_per_s = cfg.global_batch_size * cfg.seq_len / step_s
+    achieved = record["flops_per_token"] * tokens_per_s
+    if fabric.device.type == "cuda":
+        peak = device_peak_flops(fabric.device)
+        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        peak = matmul_peak_flops(compute_dtype(cfg.precision))
+    record.update(
+        tokens_per_s=round(tokens_per_s, 1),
+        step_ms=round(step_s * 1e3, 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        achieved_gflops=round(achieved / 1e9, 2),
+        peak_gflops=round(peak / 1e9, 1) if peak else None,
+        mfu=round(achieved / peak, 4) if peak else None,
+        threads=torch.get_num_threads(),
+        device=str(fabric.device),
+        loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4),
+        steps=steps,
+        warmup=warmup,
+    )
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv, prog="python -m eval.bench", extra_args=add_bench_args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    record = counts(cfg) if cfg.steps == 0 else bench(cfg, cfg.steps, cfg.warmup)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Held-out loss and perplexity of a checkpoint (or of a proxy-tuned combination); one JSON line.
+
+    python -m eval.perplexity --checkpoint DIR (--data DIR | --text-file FILE) [--expert DIR --anti-expert DIR]
+
+--data scores the validation split of a prepared dataset in windows of the model's context (--seq-len to change);
+--text-file scores the tokenizer's encoding of the file with BOS first. loss is the mean next-token cross-entropy
+in nats per token, ppl = exp(loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.shards import DataError
+from data.stream import TokenStream, val_batches
+from eval.proxy import Scorer, add_model_args, load_scorer
+from model.checkpoint import CheckpointError
+
+
+def text_windows(ids: list[int], window: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of up to `window` positions each, covering every next-token prediction of `ids` once."""
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor(ids[start : start + window + 1])
+        yield chunk[None, :-1], chunk[None, 1:]
+
+
+def score(scorer: Scorer, batches) -> dict:
+    """Mean next-token loss over (inputs, targets) batches; targets of -100 are not scored."""
+    total, tokens = 0.0, 0
+    device = scorer.base.lm_head.weight.device
+    for inputs, targets in batches:
+        logits = scorer.logits(inputs.to(device))
+        total += F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
+        tokens += int((targets != -100).sum())
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a prepared dataset directory (its validation split is scored)")
+    source.add_argument("--text-file", help="a text file to score")
+    p.add_argument("--split", default="val", help="dataset split to score (with --data)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--max-windows", type=int, default=1 << 30, help="score at most this many windows (--data)")
+    p.add_argument("--batch-size", type=int, default=4)
+    args = p.parse_args(argv)
+    try:
+        scorer = load_scorer(args)
+        seq_len = args.seq_len or scorer.max_seq_len
+        vocab = scorer.base.cfg.vocab_size
+        if args.data:
+            stream = TokenStream(args.data, args.split)
+            if stream.tokenizer["sha256"] != scorer.tokenizer.sha256:
+                raise DataError(f"{args.data}: prepared with another tokenizer than {args.checkpoint}'s")
+            batches = val_batches(stream, seq_len, vocab, args.batch_size, 0, 1, args.max_windows)
+        else:
+            path = Path(args.text_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: text file not found")
+            ids = scorer.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), bos=True)
+            batches = text_windows(ids, seq_len)
+        print(json.dumps(score(scorer, batches)))
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

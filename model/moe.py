@@ -1,0 +1,119 @@
+"""Mixtral-style sparse mixture of SwiGLU experts: fp32 top-k router, dropless sorted dispatch."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+
+class RouterStats(NamedTuple):
+    """One MoE layer's auxiliary losses (differentiable) and per-expert load fractions (detached)."""
+
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    load_E: torch.Tensor
+
+
+class Routing(NamedTuple):
+    logits_NE: torch.Tensor  # fp32
+    probs_NE: torch.Tensor  # softmax over all experts
+    weights_NK: torch.Tensor  # top-k probabilities renormalised to sum to 1
+    experts_NK: torch.Tensor  # chosen expert ids
+
+
+def route(x_ND: torch.Tensor, router_ED: torch.Tensor, top_k: int) -> Routing:
+    """Mixtral's rule: softmax over all experts in fp32, keep the top k, renormalise them."""
+    logits_NE = x_ND.float() @ router_ED.float().t()
+    probs_NE = logits_NE.softmax(dim=-1)
+    top_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    return Routing(logits_NE, probs_NE, top_NK / top_NK.sum(dim=-1, keepdim=True), experts_NK)
+
+
+def router_stats(routing: Routing, counts_E: torch.Tensor) -> RouterStats:
+    """Switch load-balancing loss and router z-loss of one layer.
+
+    balance = E * sum_e f_e * P_e, with f_e the fraction of the N*k routed slots that went to expert e (so it is
+    divided by top_k) and P_e the mean router probability of e: a uniform router gives exactly 1.0.
+    """
+    n_experts = routing.probs_NE.shape[1]
+    load_E = counts_E.float() / counts_E.sum()
+    balance = n_experts * (load_E * routing.probs_NE.mean(dim=0)).sum()
+    z_loss = torch.logsumexp(routing.logits_NE, dim=-1).square().mean()
+    return RouterStats(balance, z_loss, load_E.detach())
+
+
+def swiglu(x: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate_FD)) * F.linear(x, up_FD), down_DF)
+
+
+def experts_looped(
+    x_SD: torch.Tensor, counts: list[int], gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    """Each non-empty expert on its contiguous slice of the expert-sorted tokens.
+
+    `unbind` views the stacked weights once, so backward stacks the expert gradients in one allocation instead of
+    filling a full-size zero gradient per indexed expert.
+    """
+    gates, ups, downs = gate_EFD.unbind(0), up_EFD.unbind(0), down_EDF.unbind(0)
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(swiglu(x_SD[start : start + n], gates[e], ups[e], downs[e]))
+        start += n
+    return torch.cat(outs)
+
+
+def experts_grouped(
+    x_SD: torch.Tensor, counts_E: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    """All experts in three grouped matmuls over the expert-sorted tokens (no host sync on the counts)."""
+    offs = counts_E.cumsum(0).to(torch.int32)
+    h_SF = F.silu(torch._grouped_mm(x_SD, gate_EFD.transpose(1, 2), offs=offs))
+    h_SF = h_SF * torch._grouped_mm(x_SD, up_EFD.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(h_SF, down_EDF.transpose(1, 2), offs=offs)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm's fast path: bf16 on Hopper or newer."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts; expert weights stacked as [num_experts, ...]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
+        self.gate_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.ffn_dim, cfg.dim))
+        self.up_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.ffn_dim, cfg.dim))
+        self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim, cfg.ffn_dim))
+        self.grouped_mm: bool | None = None  # None: decide per device and dtype
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        routing = route(x_ND, self.router.weight, self.top_k)
+        flat_experts = routing.experts_NK.reshape(-1)
+        order = flat_experts.argsort(stable=True)
+        token_of_slot = order // self.top_k
+        counts_E = torch.bincount(flat_experts, minlength=self.gate_proj.shape[0])
+
+        x_SD = x_ND[token_of_slot]
+        grouped = use_grouped_mm(x_SD) if self.grouped_mm is None else self.grouped_mm
+        if grouped:
+            y_SD = experts_grouped(x_SD, counts_E, self.gate_proj, self.up_proj, self.down_proj)
+        else:
+            y_SD = experts_looped(x_SD, counts_E.tolist(), self.gate_proj, self.up_proj, self.down_proj)
+        y_SD = y_SD * routing.weights_NK.reshape(-1)[order].unsqueeze(1).to(y_SD.dtype)
+        out_ND = torch.zeros_like(x_ND).index_add_(0, token_of_slot, y_SD)
+        return out_ND.view_as(x_BTD), router_stats(routing, counts_E)

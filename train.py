@@ -1,0 +1,189 @@
+"""Pretrain a TinyLlama-style decoder (dense, or a Mixtral-style mixture of experts) with Lightning Fabric + FSDP2.
+
+python train.py                                        # configs/tiny.yaml on the stdlib corpus, one process
+python train.py --config configs/NAME.yaml --optim.lr 3e-4 --devices 2
+torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT train.py --config ...
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentError
+from lightning.fabric import Fabric
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.corpus import default_corpus
+from data.shards import DataError, read_manifest
+from data.stream import DataState, open_streams, train_loader
+from data.tokenizer import Tokenizer
+from model.checkpoint import CheckpointError
+from model.config import flops_per_token
+from model.sampling import generate, model_step
+from training.checkpoint import Checkpointer, load_training_state, resume_path
+from training.config import TrainConfig, parse_config
+from training.loop import Progress, StopOnSigterm, evaluate, lr_at, make_optimizer, train_step
+from training.metrics import MetricsLogger, device_peak_flops
+from training.setup import TrainingError, build_model, check_attention, launch
+
+USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, TrainingError, DataError, CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {str(e).strip()}".replace("\n", " "), file=sys.stderr)
+        sys.exit(1)
+
+
+def train(cfg: TrainConfig) -> None:
+    fabric = launch(cfg)
+    out_dir = cfg.resolved_out_dir()
+    datasets = resolve_datasets(cfg, fabric)
+    tokenizer = datasets_tokenizer(datasets)
+    start_from = resume_path(cfg.resume, out_dir)
+    check_attention(cfg, fabric.device)
+
+    model = fabric.setup_module(build_model(cfg))
+    optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
+    progress = Progress(DataState(cfg.seed, per_dataset=[0] * len(datasets)))
+    if start_from is not None:
+        progress.load_state_dict(load_training_state(start_from, cfg.model, model, optimizer))
+        fabric.print(f"resumed from {start_from} at step {progress.step}")
+
+    accum = cfg.grad_accumulation(fabric.world_size)
+    weights = list(datasets.values())
+    val_streams = open_streams(list(datasets), "val", cfg.model.vocab_size, cfg.seq_len)
+    loader = rank_loader(cfg, datasets, progress.data, fabric)
+    batches, quotas = iter(loader), loader.batch_sampler.quotas
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    flops_per_step = flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
+    peak = device_peak_flops(fabric.device)
+
+    rank0 = fabric.global_rank == 0
+    logger = MetricsLogger(out_dir, rank0, progress.step)
+    checkpointer = Checkpointer(out_dir, cfg.keep_last, cfg.async_save, fabric.global_rank, tokenizer)
+    sigterm = StopOnSigterm()
+    fabric.print(
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; {fabric.world_size} process(es), "
+        f"{accum} micro-batch(es) of {cfg.micro_batch_size} x {cfg.seq_len} per rank and step"
+    )
+
+    def save() -> None:
+        state = {**progress.state_dict(), "config": cfg.to_dict(), "world_size": fabric.world_size}
+        checkpointer.save(progress.step, model, optimizer, state)
+
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=not rank0, dynamic_ncols=True)
+    window_time, window_steps = 0.0, 0
+    try:
+        if progress.step == 0 and cfg.eval_every:
+            logger.log(0, evaluate(fabric, model, val_streams, weights, cfg))
+        while progress.step < cfg.max_steps:
+            lr = lr_at(progress.step, cfg.optim, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, sigterm.requested)
+            window_time += time.perf_counter() - t0
+            window_steps += 1
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            progress.data.advance(quotas)
+            if not result.finite:
+                progress.nan_skipped += 1
+                fabric.print(f"step {progress.step}: non-finite loss or gradients, update skipped")
+                if progress.nan_skipped > cfg.skip_nan_batches:
+                    raise TrainingError(
+                        f"loss or gradient norm not finite at step {progress.step} (loss {result.loss}); stopped "
+                        f"without saving a checkpoint (skip_nan_batches={cfg.skip_nan_batches})"
+                    )
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}")
+            checkpointer.poll()
+
+            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+                tokens_per_s = tokens_per_step * window_steps / window_time
+                metrics = {
+                    "loss": result.loss,
+                    "lr": lr,
+                    "grad_norm": result.grad_norm,
+                    "tokens": progress.tokens,
+                    "tokens_per_s": tokens_per_s,
+                    **result.moe,
+                }
+                if peak:
+                    metrics["mfu"] = flops_per_step * window_steps / window_time / (peak * fabric.world_size)
+                logger.log(progress.step, metrics)
+                window_time, window_steps = 0.0, 0
+            finished = progress.step == cfg.max_steps
+            if cfg.eval_every and (progress.step % cfg.eval_every == 0 or finished):
+                val = evaluate(fabric, model, val_streams, weights, cfg)
+                logger.log(progress.step, val)
+                if rank0:
+                    bar.write(f"step {progress.step}: val loss {val['val_loss']:.4f}")
+            if result.stop_requested or finished or (cfg.save_every and progress.step % cfg.save_every == 0):
+                save()
+            if result.stop_requested:
+                fabric.print(f"SIGTERM: saved a checkpoint at step {progress.step}; exiting")
+                break
+    finally:
+        bar.close()
+        checkpointer.wait()
+        logger.close()
+        sigterm.restore()
+
+    if cfg.sample_prompt and tokenizer is not None and not sigterm.requested:
+        fabric.print(f"sample: {sample(model, tokenizer, cfg, fabric)!r}")
+
+
+def resolve_datasets(cfg: TrainConfig, fabric: Fabric) -> dict[str, float]:
+    """{dataset dir: weight}; with no data configured, the stdlib corpus (prepared by rank 0 if missing)."""
+    if cfg.datasets is not None:
+        return cfg.datasets
+    if fabric.global_rank == 0:
+        default_corpus(cfg.model.vocab_size)
+    fabric.barrier()
+    return {str(default_corpus(cfg.model.vocab_size, progress=False)): 1.0}
+
+
+def rank_loader(cfg: TrainConfig, datasets: dict[str, float], state: DataState, fabric: Fabric) -> DataLoader:
+    """This rank's micro-batches, continuing the global data order from `state`."""
+    streams = open_streams(list(datasets), "train", cfg.model.vocab_size, cfg.seq_len)
+    return train_loader(
+        streams,
+        list(datasets.values()),
+        state,
+        seq_len=cfg.seq_len,
+        vocab_size=cfg.model.vocab_size,
+        global_batch_size=cfg.global_batch_size,
+        micro_batch=cfg.micro_batch_size,
+        rank=fabric.global_rank,
+        world=fabric.world_size,
+        workers=cfg.data_workers,
+    )
+
+
+def datasets_tokenizer(datasets: dict[str, float]) -> Path | None:
+    first = Path(next(iter(datasets)))
+    path = first / read_manifest(first)["tokenizer"]["file"]
+    return path if path.is_file() else None
+
+
+def sample(model: torch.nn.Module, tokenizer_path: Path, cfg: TrainConfig, fabric: Fabric) -> str:
+    """A short continuation of `sample_prompt` (every rank decodes in lockstep: the model is sharded)."""
+    tok = Tokenizer(tokenizer_path)
+    prompt = torch.tensor([tok.encode(cfg.sample_prompt, bos=True)], device=fabric.device)
+    max_len = min(cfg.model.max_seq_len, prompt.shape[1] + cfg.sample_tokens)
+    step = model_step(model, 1, max_len)
+    out = generate(step, prompt, max_len - prompt.shape[1], temperature=0.8, top_k=50, seed=cfg.seed)
+    return tok.decode(out[0, prompt.shape[1] :].tolist())
+
+
+if __name__ == "__main__":
+    main()

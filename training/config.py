@@ -1,0 +1,132 @@
+"""The training configuration: plain dataclasses, read from YAML and overridden by dotted command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from model.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay; the schedule counts optimizer steps."""
+
+    lr: float = 4e-4
+    min_lr: float = 4e-5
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out_dir: str | None = None  # default runs/<config name>
+    data: str | dict[str, float] | None = None  # a prepared dataset dir, {dir: weight, ...}, or None: the stdlib
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 8  # sequences per optimizer step, over all ranks
+    max_steps: int = 1000
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation
+    eval_windows: int = 160  # validation sequences per dataset (the same ones for any number of ranks)
+    save_every: int = 500  # 0 saves only at the end
+    keep_last: int = 3  # complete checkpoints kept (0 keeps all)
+    async_save: bool = False
+    resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | PATH
+    init_from: str | None = None  # initial weights: a Hugging Face Llama/Mixtral directory or a checkpoint
+    devices: int = 1  # processes per node
+    num_nodes: int = 1
+    dist_timeout: int = 1800  # seconds to wait for the other processes (rendezvous, collectives)
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
+    activation_checkpointing: Literal["none", "full"] = "none"
+    compile: bool = False
+    skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
+    data_workers: int = 0
+    threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
+    sample_prompt: str = "def "  # generated from at the end of training ("" to skip)
+    sample_tokens: int = 48
+    config_name: str = "tiny"  # set from the --config file name
+
+    @property
+    def datasets(self) -> dict[str, float] | None:
+        if self.data is None:
+            return None
+        return {self.data: 1.0} if isinstance(self.data, str) else dict(self.data)
+
+    def validate(self) -> None:
+        for key in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "devices", "num_nodes"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.datasets is not None and any(w <= 0 for w in self.datasets.values()):
+            raise ValueError(f"data weights must be positive, got {self.datasets}")
+
+    def grad_accumulation(self, world_size: int) -> int:
+        """Micro-steps per optimizer step: the global batch is global, over every rank of every node."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x world size ({self.micro_batch_size} x {world_size})"
+            )
+        return self.global_batch_size // per_step
+
+    def resolved_out_dir(self) -> Path:
+        return Path(self.out_dir or Path("runs") / self.config_name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parser(prog: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, exit_on_error=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file (default configs/tiny.yaml)")
+    parser.add_class_arguments(TrainConfig, as_group=False, skip={"config_name"})
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra_args=None) -> TrainConfig:
+    """TrainConfig from `--config FILE` (default configs/tiny.yaml) and `--key value` overrides.
+
+    `extra_args(parser)` may add a tool's own flags; their values are set as attributes on the returned config.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    parser = _parser(prog)
+    if extra_args is not None:
+        extra_args(parser)
+    namespace = parser.instantiate(parser.parse_args(argv))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"config_name"}
+    cfg = TrainConfig(**{k: namespace[k] for k in fields}, config_name=Path(str(namespace.config[0])).stem)
+    cfg.validate()
+    for key in namespace.keys():
+        if key.split(".")[0] not in fields | {"config", "__path__"}:
+            setattr(cfg, key, namespace[key])
+    return cfg
+
+
+def torchrun_world() -> tuple[int, int] | None:
+    """(processes per node, nodes) when launched by torchrun, which sets these variables on every process."""
+    if "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ:
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+    return None

@@ -1,0 +1,159 @@
+"""The pieces of one training run that train.py strings together: optimizer and schedule, one optimizer step,
+evaluation, the run's progress counters and the SIGTERM flag."""
+
+from __future__ import annotations
+
+import base64
+import math
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from lightning.fabric import Fabric
+
+from data.stream import DataState, TokenStream, val_batches
+from model.loss import IGNORE_INDEX
+from training.config import OptimConfig, TrainConfig
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices and embeddings decay, norm gains do not. Fused kernels on CUDA and CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type in ("cuda", "cpu")
+    )
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up over `warmup_steps` optimizer steps, then cosine decay to `min_lr` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint restores, next to model and optimizer state."""
+
+    data: DataState
+    step: int = 0
+    tokens: int = 0
+    nan_skipped: int = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "nan_skipped": self.nan_skipped,
+            "data": self.data.state_dict(),
+            "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens, self.nan_skipped = state["step"], state["tokens"], state["nan_skipped"]
+        self.data.load_state_dict(state["data"])
+        rng = torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8)
+        torch.set_rng_state(rng)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+    stop_requested: bool  # SIGTERM reached at least one rank
+    moe: dict = field(default_factory=dict)
+
+
+def train_step(
+    fabric: Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor],
+    accum: int,
+    grad_clip: float,
+    stop_flag: bool,
+) -> StepResult:
+    """Forward and backward over `accum` micro-batches, clip, and step, unless the loss or gradients are not
+    finite on any rank (then the update is skipped everywhere)."""
+    sums = torch.zeros(5, device=fabric.device)  # lm loss, aux loss, balance loss, z loss, expert load (summed)
+    load = None
+    for micro in range(accum):
+        batch = next(batches).to(fabric.device, non_blocking=True)
+        with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+            out = model(batch[:, :-1], batch[:, 1:])
+            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            fabric.backward(loss / accum)
+        sums[0] += out.loss.detach().float()
+        if out.aux_loss is not None:
+            sums[1:4] += torch.stack([out.aux_loss, out.balance_loss, out.z_loss]).detach().float()
+            load = out.expert_load if load is None else load + out.expert_load
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    flags = torch.tensor([float(not torch.isfinite(grad_norm)), float(stop_flag)], device=fabric.device)
+    reduced = fabric.all_reduce(torch.cat([sums[:4] / accum, flags]), reduce_op="sum")
+    finite = bool(torch.isfinite(reduced[:4]).all()) and float(reduced[4]) == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    world = fabric.world_size
+    result = StepResult(float(reduced[0]) / world, float(grad_norm), finite, bool(reduced[5] > 0))
+    if load is not None:
+        load = fabric.all_reduce(load / accum, reduce_op="mean")
+        result.moe = {
+            "aux_loss": float(reduced[1]) / world,
+            "balance_loss": float(reduced[2]) / world,
+            "z_loss": float(reduced[3]) / world,
+            "expert_load": load.tolist(),
+        }
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    fabric: Fabric, model: torch.nn.Module, streams: list[TokenStream], weights: list[float], cfg: TrainConfig
+) -> dict:
+    """Validation loss per token over the first `eval_windows` windows of each dataset's validation split."""
+    losses = []
+    for stream in streams:
+        sums = torch.zeros(2, device=fabric.device)  # summed token losses, tokens
+        batches = val_batches(
+            stream,
+            cfg.seq_len,
+            cfg.model.vocab_size,
+            cfg.micro_batch_size,
+            fabric.global_rank,
+            fabric.world_size,
+            cfg.eval_windows,
+        )
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(fabric.device), targets.to(fabric.device)
+            n_tokens = (targets != IGNORE_INDEX).sum()
+            sums += torch.stack([model(inputs, targets).loss.float() * n_tokens, n_tokens.float()])
+        sums = fabric.all_reduce(sums, reduce_op="sum")
+        losses.append(float(sums[0] / sums[1]))
+    val_loss = sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
+    metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    if len(streams) > 1:
+        metrics.update({f"val_loss/{s.dir.name}": loss for s, loss in zip(streams, losses)})
+    return metrics
+
+
+class StopOnSigterm:
+    """SIGTERM (what Slurm and preemptible clouds send) only sets a flag: the run saves and exits at a step end."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
