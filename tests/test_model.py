@@ -1,0 +1,133 @@
+"""The decoder against independent references: counts, causality, GQA, RoPE, attention, loss, KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.attention import attend, resolve_backend
+from model.config import PRESETS, ModelConfig
+from model.llama import Transformer, apply_rope, count_parameters, rope_tables
+from model.loss import linear_cross_entropy
+from model.sampling import generate, model_step, no_cache_step
+from tests.conftest import tiny_config
+
+
+def test_tinyllama_parameter_count_on_meta_device():
+    total, active = count_parameters(PRESETS["tinyllama-1.1b"])
+    assert total == active == 1_100_048_384
+    assert 1_000_000 < count_parameters(PRESETS["tiny"])[0] < 10_000_000
+
+
+def test_causality_future_tokens_do_not_change_earlier_logits():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    a = torch.randint(0, 512, (2, 24))
+    b = a.clone()
+    b[:, 12:] = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[:, :12], lb[:, :12], rtol=0, atol=1e-5)
+    assert (la[:, 12:] - lb[:, 12:]).abs().max() > 1e-3
+
+
+def reference_attention(q_BTHD, k_BTHD, v_BTHD, offset=0):
+    """Plain softmax(QK^T / sqrt(d) + causal mask) V with explicit loops over nothing but tensors."""
+    q, k, v = (t.transpose(1, 2).double() for t in (q_BTHD, k_BTHD, v_BTHD))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    tq, tk = q.shape[2], k.shape[2]
+    allowed = torch.arange(tk)[None, :] <= (torch.arange(tq)[:, None] + offset)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def test_gqa_equals_full_attention_with_repeated_kv():
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 8, 16)
+    k, v = torch.randn(2, 16, 2, 16), torch.randn(2, 16, 2, 16)
+    out = attend(q, k, v, "sdpa")
+    full = attend(q, k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2), "sdpa")
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tq", [16, 1, 5])
+def test_sdpa_matches_reference_attention(tq):
+    """Full causal attention and, with a KV cache, queries that are the last tq of 16 positions."""
+    torch.manual_seed(1)
+    q = torch.randn(2, tq, 4, 8)
+    k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 4, 8)
+    torch.testing.assert_close(
+        attend(q, k, v, "sdpa").double(), reference_attention(q, k, v, 16 - tq), atol=1e-5, rtol=0
+    )
+
+
+def test_rope_matches_complex_rotation():
+    """Rotate-half RoPE == multiplying (x_i, x_{i+d/2}) as a complex number by exp(i * pos * theta^(-2i/d))."""
+    torch.manual_seed(2)
+    head_dim, T = 16, 10
+    x = torch.randn(1, T, 3, head_dim, dtype=torch.float64)
+    cos, sin = rope_tables(head_dim, T, 10000.0)
+    ours = apply_rope(x, cos.double(), sin.double())
+    half = head_dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    rotation = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T)[:, None] * freqs)
+    z = torch.complex(x[..., :half], x[..., half:]) * rotation[None, :, None, :]
+    torch.testing.assert_close(ours, torch.cat([z.real, z.imag], dim=-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_full_cross_entropy(dtype, monkeypatch):
+    """Value and gradients of the chunked head+loss equal logits -> F.cross_entropy (several chunks, ignored rows)."""
+    monkeypatch.setattr("model.loss.CHUNK_ELEMENTS", 40 * 300)  # 40 rows per chunk: 3 chunks of 100 rows
+    torch.manual_seed(3)
+    h = torch.randn(100, 32, dtype=dtype, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.2).to(dtype).requires_grad_()
+    t = torch.randint(0, 300, (100,))
+    t[::7] = -100
+    ours = linear_cross_entropy(h, w, t)
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy((h @ w.t()).float(), t)
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gh, h.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(gw, w.grad, atol=tol, rtol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_kv_cache_greedy_equals_no_cache(moe):
+    torch.manual_seed(4)
+    model = Transformer(tiny_config(num_experts=4 if moe else 0)).eval()
+    prompt = torch.randint(3, 512, (2, 7))
+    cached = generate(model_step(model, 2, 40), prompt, 30)
+    uncached = generate(no_cache_step(model), prompt, 30)
+    assert torch.equal(cached, uncached)
+
+
+def test_attention_backend_choice():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_backend("sdpa", cpu, torch.float32) == "sdpa"
+    with pytest.raises(ValueError, match="model.attention=flash cannot run"):
+        resolve_backend("flash", cpu, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"top_k": 9, "num_experts": 8}, "model.top_k"),
+        ({"num_experts": 1}, "model.num_experts"),
+        ({"n_heads": 3}, "model.dim"),
+        ({"n_kv_heads": 3}, "model.n_heads"),
+    ],
+)
+def test_bad_model_config_names_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        ModelConfig(**{**tiny_config().to_dict(), **overrides})

@@ -1,0 +1,115 @@
+"""Mixture of experts against a naive per-token reference, its losses against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import PRESETS
+from model.llama import count_parameters
+from model.moe import MoEFeedForward, Routing, route, router_stats
+from tests.conftest import run_train, tiny_config, train_losses
+
+
+def naive_moe(ffn: MoEFeedForward, x_ND: torch.Tensor) -> torch.Tensor:
+    """Token by token: softmax over all experts, top-k, renormalise, weighted sum of the chosen experts."""
+    out = torch.zeros_like(x_ND)
+    for n in range(x_ND.shape[0]):
+        probs = (x_ND[n].double() @ ffn.router.weight.double().t()).softmax(-1)
+        top, experts = probs.topk(ffn.top_k)
+        for weight, e in zip(top / top.sum(), experts.tolist()):
+            x = x_ND[n].double()
+            h = F.silu(ffn.gate_proj[e].double() @ x) * (ffn.up_proj[e].double() @ x)
+            out[n] += (weight * (ffn.down_proj[e].double() @ h)).to(out.dtype)
+    return out
+
+
+def make_ffn(num_experts=8, top_k=2, seed=0) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    ffn = MoEFeedForward(tiny_config(num_experts=num_experts, top_k=top_k))
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return ffn
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_routing_and_output_equal_naive_reference(top_k):
+    ffn = make_ffn(top_k=top_k)
+    x = torch.randn(2, 20, 64)
+    out, _ = ffn(x)
+    torch.testing.assert_close(out, naive_moe(ffn, x.view(-1, 64)).view_as(x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_path_equals_looped_path():
+    ffn = make_ffn()
+    x = torch.randn(3, 10, 64)
+    ffn.grouped_mm = False
+    looped, _ = ffn(x)
+    ffn.grouped_mm = True
+    grouped, _ = ffn(x)
+    torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_router_and_every_selected_expert():
+    ffn = make_ffn()
+    x = torch.randn(4, 16, 64)
+    out, stats = ffn(x)
+    (out.square().mean() + stats.balance_loss + stats.z_loss).backward()
+    assert ffn.router.weight.grad.abs().sum() > 0
+    chosen = route(x.view(-1, 64), ffn.router.weight, ffn.top_k).experts_NK.unique().tolist()
+    for e in range(8):
+        used = ffn.gate_proj.grad[e].abs().sum() > 0
+        assert used == (e in chosen), e
+        assert (ffn.down_proj.grad[e].abs().sum() > 0) == (e in chosen)
+
+
+def test_balance_loss_on_a_hand_computed_example():
+    # 2 experts, top-1, 2 tokens: both go to expert 0. f = (1, 0); P = mean of (0.8, 0.2) and (0.6, 0.4) = (0.7, 0.3).
+    probs = torch.tensor([[0.8, 0.2], [0.6, 0.4]])
+    logits = probs.log()
+    routing = Routing(logits, probs, torch.ones(2, 1), torch.tensor([[0], [0]]))
+    stats = router_stats(routing, torch.tensor([2, 0]))
+    assert stats.balance_loss.item() == pytest.approx(2 * (1.0 * 0.7 + 0.0 * 0.3))
+    torch.testing.assert_close(stats.load_E, torch.tensor([1.0, 0.0]))
+
+
+def test_balance_loss_is_one_for_a_uniform_router():
+    """Normalisation: f_e counts routed slots (N x top_k), so a perfectly balanced router scores exactly 1.0
+    (transformers' Mixtral formula gives top_k for the same router)."""
+    E, k, N = 8, 2, 64
+    probs = torch.full((N, E), 1.0 / E)
+    experts = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)
+    routing = Routing(probs.log(), probs, torch.full((N, k), 0.5), experts)
+    stats = router_stats(routing, torch.bincount(experts.flatten(), minlength=E))
+    assert stats.balance_loss.item() == pytest.approx(1.0)
+
+
+def test_z_loss_on_a_hand_computed_example():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # logsumexp: log 2 and log 4
+    probs = logits.softmax(-1)
+    routing = Routing(logits, probs, torch.ones(2, 1), probs.argmax(-1, keepdim=True))
+    stats = router_stats(routing, torch.tensor([1, 1]))
+    assert stats.z_loss.item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+
+
+def test_moe_parameter_counts():
+    total, active = count_parameters(PRESETS["tinyllama-1.1b-moe"])
+    assert total == 6_429_272_064 and active == 1_861_675_008
+    tiny_total, tiny_active = count_parameters(PRESETS["tiny-moe"])
+    expert = 3 * 256 * 688
+    assert tiny_total - tiny_active == 4 * 6 * expert  # 6 of 8 experts idle per token, 4 layers
+
+
+def test_moe_run_loss_falls_and_logs_router_losses(dataset, tmp_path):
+    run_train([f"--data={dataset}", f"--out_dir={tmp_path}", "--max_steps=12", "--eval_every=0",
+               "--model.num_experts=4", "--model.top_k=2"])  # fmt: skip
+    losses = train_losses(tmp_path)
+    assert losses[12] < losses[1] - 0.5
+    from tests.conftest import read_metrics
+
+    last = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert {"aux_loss", "balance_loss", "z_loss", "expert_load"} <= set(last)
+    assert len(last["expert_load"]) == 2 and sum(last["expert_load"][0]) == pytest.approx(1.0)
