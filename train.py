@@ -28,7 +28,7 @@ from training.checkpoint import Checkpointer, load_training_state, resume_path
 from training.config import TrainConfig, parse_config
 from training.loop import Progress, StopOnSigterm, evaluate, lr_at, make_optimizer, train_step
 from training.metrics import MetricsLogger, device_peak_flops
-from training.setup import TrainingError, build_model, check_attention, launch
+from training.setup import TrainingError, build_model, check_attention, check_init_from, launch
 
 USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, TrainingError, DataError, CheckpointError)
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: TrainConfig) -> None:
+    check_init_from(cfg)
     fabric = launch(cfg)
     out_dir = cfg.resolved_out_dir()
     datasets = resolve_datasets(cfg, fabric)
@@ -100,8 +101,8 @@ def train(cfg: TrainConfig) -> None:
                 fabric.print(f"step {progress.step}: non-finite loss or gradients, update skipped")
                 if progress.nan_skipped > cfg.skip_nan_batches:
                     raise TrainingError(
-                        f"loss or gradient norm not finite at step {progress.step} (loss {result.loss}); stopped "
-                        f"without saving a checkpoint (skip_nan_batches={cfg.skip_nan_batches})"
+                        f"loss or gradients not finite at step {progress.step} (loss {result.loss}, gradient norm "
+                        f"{result.grad_norm}); stopped without saving (skip_nan_batches={cfg.skip_nan_batches})"
                     )
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.3f}")

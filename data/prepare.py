@@ -1,6 +1,6 @@
 """Turn text files into token shards plus a manifest.
 
-    python -m data.prepare --input PATH [PATH ...] --output DIR [--tokenizer FILE | --vocab-size N] [--workers N]
+    python -m data.prepare --input PATH [PATH ...] --output DIR [--tokenizer FILE|DIR | --vocab-size N] [--workers N]
 
 Input files are grouped (by size) into shards; each group is tokenized by one worker process into a `train-NNNNN.bin`
 and a `val-NNNNN.bin` shard (a document goes to validation when a hash of its text falls under --val-fraction, so the
@@ -69,10 +69,20 @@ def is_validation(text: bytes, val_fraction: float) -> bool:
     return zlib.crc32(text) < val_fraction * 2**32
 
 
+def tokenizer_file(path: Path) -> Path:
+    """A sentencepiece model given directly, or the one inside a model directory (e.g. a Hugging Face Llama's)."""
+    if not path.is_dir():
+        return path
+    if not (path / TOKENIZER_FILE).is_file():
+        raise DataError(f"{path}: directory has no {TOKENIZER_FILE} (a sentencepiece model is needed)")
+    return path / TOKENIZER_FILE
+
+
 def resolve_tokenizer(output: Path, files: list[Path], tokenizer: Path | None, vocab_size: int | None) -> Tokenizer:
     """The dataset's own copy of the tokenizer: given by path, kept from an earlier run, or trained on a sample."""
     dest = output / TOKENIZER_FILE
     if tokenizer is not None:
+        tokenizer = tokenizer_file(tokenizer)
         given = Tokenizer(tokenizer)
         if dest.exists() and file_sha256(dest) != given.sha256:
             raise DataError(f"{output}: already prepared with another tokenizer; use a new --output")
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", nargs="+", required=True, help="files or folders of text, JSON lines or parquet")
     p.add_argument("--output", required=True, help="dataset directory (shards, manifest.json, tokenizer.model)")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", help="an existing sentencepiece tokenizer.model (e.g. Llama 2's)")
+    tok.add_argument("--tokenizer", help="a sentencepiece tokenizer.model, or a model directory holding one")
     tok.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size on a sample of the input")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")

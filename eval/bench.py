@@ -24,7 +24,7 @@ from model.llama import count_parameters
 from training.config import TrainConfig, parse_config
 from training.loop import make_optimizer, train_step
 from training.metrics import device_peak_flops
-from training.setup import build_model, launch
+from training.setup import build_model, check_init_from, launch
 
 
 def add_bench_args(parser) -> None:
@@ -112,6 +112,7 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_config(argv, prog="python -m eval.bench", extra_args=add_bench_args)
+        check_init_from(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")
     record = counts(cfg) if cfg.steps == 0 else bench(cfg, cfg.steps, cfg.warmup)

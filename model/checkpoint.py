@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from model.config import ModelConfig
 from model.llama import Transformer
@@ -80,10 +82,12 @@ def check_same_shape(expected: ModelConfig, found: ModelConfig, where: Path) -> 
 def dcp_load(state: dict, path: Path) -> None:
     """torch.distributed.checkpoint load into `state` in place, with damage reported as a CheckpointError."""
     try:
-        dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP wraps reader errors of every kind (truncated files, missing shards)
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: damaged checkpoint ({message})") from None
+        with warnings.catch_warnings():  # reading in one process, without a process group, is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:  # DCP wraps every rank's reader errors in a BaseException
+        last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise CheckpointError(f"{path}: damaged checkpoint, its shards cannot be read ({last_line})") from None
 
 
 def empty_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -1,0 +1,160 @@
+"""Export a training checkpoint as a Hugging Face model directory (Llama for dense, Mixtral for MoE).
+
+    python -m model.export --checkpoint runs/tiny/checkpoints/step-00000300 --output hf/tiny
+        [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite]
+
+The result loads offline with no custom code: `AutoModelForCausalLM.from_pretrained(dir)` and
+`AutoTokenizer.from_pretrained(dir)`, the tokenizer giving the same ids as ours (BOS added). It holds config.json,
+generation_config.json, safetensors weights (sharded with model.safetensors.index.json above --max-shard-size),
+tokenizer.model, tokenizer.json and tokenizer_config.json: JSON and safetensors only, no pickles. The weights are
+loaded once, already in the export dtype, and written tensor by tensor from that one copy. The directory is written
+under a temporary name and renamed when complete; the checkpoint is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+from safetensors.torch import save_file
+
+from data.tokenizer import Tokenizer
+from model.checkpoint import TOKENIZER, CheckpointError, load_model, model_config, read_state, tokenizer_path
+from model.config import ModelConfig
+from model.hf import WEIGHTS_INDEX, hf_config, hf_state_dict
+from model.llama import Transformer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_output(output: Path, checkpoint: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"{output}: exists and is not empty (add --overwrite to replace it)")
+    out, src = output.resolve(), checkpoint.resolve()
+    if out.is_relative_to(src) or src.is_relative_to(out):
+        raise ValueError(f"--output {output} must lie outside the checkpoint {checkpoint}")
+
+
+def check_vocab(cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size {cfg.vocab_size} is smaller than the {tokenizer.vocab_size} pieces of {tokenizer.path}"
+        )
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> list[str]:
+    """safetensors files of at most `max_shard_size` bytes each, indexed when more than one; returns their names."""
+    # Sized per tensor: the expert views share their stacked tensor's storage, which
+    # split_torch_state_dict_into_shards would count once.
+    split = split_state_dict_into_shards_factory(
+        tensors,
+        get_storage_size=lambda t: t.numel() * t.element_size(),
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    for file, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, out / file, metadata={"format": "pt"})
+    if split.is_sharded:
+        write_json(out / WEIGHTS_INDEX, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    return list(split.filename_to_tensors)
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
+    """tokenizer.model, plus the tokenizer.json (converted by transformers) and tokenizer_config.json that make
+    AutoTokenizer encode exactly as our `Tokenizer.encode(text, bos=True)`."""
+    from transformers import PreTrainedTokenizerFast  # slow to import: only when exporting
+
+    shutil.copyfile(tokenizer.path, out / TOKENIZER)
+    piece = tokenizer.sp.id_to_piece
+    settings = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": piece(tokenizer.bos_id),
+        "eos_token": piece(tokenizer.eos_id),
+        "unk_token": piece(tokenizer.sp.unk_id()),
+        "split_special_tokens": True,  # "<s>" typed in a text is text, as sentencepiece reads it
+        "legacy": True,  # the dummy prefix "▁" goes before a leading space too, as in sentencepiece
+        "clean_up_tokenization_spaces": False,
+    }
+    native = PreTrainedTokenizerFast.convert_to_native_format(vocab_file=str(out / TOKENIZER), **settings)
+    PreTrainedTokenizerFast(**native).backend_tokenizer.save(str(out / "tokenizer.json"))
+    # The generic fast class reads tokenizer.json as is; LlamaTokenizer would rebuild it without the legacy prefix.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **settings, "model_max_length": max_len}
+    write_json(out / "tokenizer_config.json", config)
+
+
+def replace_dir(tmp: Path, output: Path) -> None:
+    if output.is_dir():
+        shutil.rmtree(output)
+    elif output.exists():
+        output.unlink()
+    os.replace(tmp, output)
+
+
+def save_hf(model: Transformer, tokenizer: Tokenizer, output: Path, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write `model` (in its own dtype) and `tokenizer` as the Hugging Face directory `output`, replacing it if it
+    exists; returns the names of the weight files."""
+    cfg = model.cfg
+    check_vocab(cfg, tokenizer)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = write_weights(hf_state_dict(cfg, model.state_dict()), tmp, max_shard_size)
+        dtype = model.lm_head.weight.dtype
+        write_json(tmp / "config.json", hf_config(cfg, dtype, tokenizer.bos_id, tokenizer.eos_id))
+        write_json(tmp / "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
+        write_tokenizer(tokenizer, tmp, cfg.max_seq_len)
+        replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> list[str]:
+    """Checkpoint directory -> Hugging Face directory; returns the names of the weight files written."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    check_output(output, checkpoint, overwrite)
+    cfg = model_config(read_state(checkpoint))
+    sp_model = tokenizer_path(checkpoint)
+    if sp_model is None:
+        raise CheckpointError(f"{checkpoint}: checkpoint has no {TOKENIZER}")
+    tokenizer = Tokenizer(sp_model)
+    check_vocab(cfg, tokenizer)  # before the weights are read
+    model, _ = load_model(checkpoint, dtype=dtype)  # only the "model" entries: no optimizer state
+    return save_hf(model, tokenizer, output, max_shard_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (step-NNNNNNNN)")
+    p.add_argument("--output", required=True, help="the Hugging Face model directory to write")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype of the export")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
+    args = p.parse_args(argv)
+    try:
+        files = export(args.checkpoint, args.output, DTYPES[args.dtype], args.max_shard_size, args.overwrite)
+    except (CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}".replace("\n", " "))
+    print(f"{args.output}: {args.dtype} weights in {len(files)} safetensors file(s)")
+
+
+if __name__ == "__main__":
+    main()
