@@ -21,8 +21,12 @@ import torch.nn.functional as F
 
 from data.shards import DataError
 from data.stream import TokenStream, val_batches
+from data.tokenizer import Tokenizer
 from eval.proxy import Scorer, add_model_args, load_scorer
 from model.checkpoint import CheckpointError
+
+BATCH_SIZE = 4
+ALL_WINDOWS = 1 << 30
 
 
 def text_windows(ids: list[int], window: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -32,10 +36,29 @@ def text_windows(ids: list[int], window: int) -> Iterator[tuple[torch.Tensor, to
         yield chunk[None, :-1], chunk[None, 1:]
 
 
+def dataset_batches(
+    data: str | Path,
+    split: str,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    vocab_size: int,
+    batch_size: int = BATCH_SIZE,
+    max_windows: int = ALL_WINDOWS,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) over the first `max_windows` windows of a prepared split, which must have been prepared
+    with `tokenizer`."""
+    stream = TokenStream(data, split)
+    if stream.tokenizer["sha256"] != tokenizer.sha256:
+        raise DataError(f"{data}: prepared with another tokenizer than the checkpoint's ({tokenizer.path})")
+    return val_batches(stream, seq_len, vocab_size, batch_size, 0, 1, max_windows)
+
+
 def score(scorer: Scorer, batches) -> dict:
-    """Mean next-token loss over (inputs, targets) batches; targets of -100 are not scored."""
+    """Mean next-token loss over (inputs, targets) batches; targets of -100 are not scored.
+
+    `scorer` is anything with a `device` and `logits(tokens_BT)` (a Scorer, or an ensemble of models)."""
     total, tokens = 0.0, 0
-    device = scorer.base.lm_head.weight.device
+    device = scorer.device
     for inputs, targets in batches:
         logits = scorer.logits(inputs.to(device))
         total += F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
@@ -52,18 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--text-file", help="a text file to score")
     p.add_argument("--split", default="val", help="dataset split to score (with --data)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
-    p.add_argument("--max-windows", type=int, default=1 << 30, help="score at most this many windows (--data)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-windows", type=int, default=ALL_WINDOWS, help="score at most this many windows (--data)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = p.parse_args(argv)
     try:
         scorer = load_scorer(args)
         seq_len = args.seq_len or scorer.max_seq_len
         vocab = scorer.base.cfg.vocab_size
         if args.data:
-            stream = TokenStream(args.data, args.split)
-            if stream.tokenizer["sha256"] != scorer.tokenizer.sha256:
-                raise DataError(f"{args.data}: prepared with another tokenizer than {args.checkpoint}'s")
-            batches = val_batches(stream, seq_len, vocab, args.batch_size, 0, 1, args.max_windows)
+            batches = dataset_batches(
+                args.data, args.split, scorer.tokenizer, seq_len, vocab, args.batch_size, args.max_windows
+            )
         else:
             path = Path(args.text_file)
             if not path.is_file():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import Tokenizer
-from model.checkpoint import CheckpointError, load_model, tokenizer_path
+from model.checkpoint import CheckpointError, load_model, read_state, tokenizer_path
 from model.llama import Transformer
 from model.sampling import StepFn, model_step
 
@@ -30,7 +30,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (the base model)")
     parser.add_argument("--expert", help="proxy-tuning: the tuned small model's checkpoint")
     parser.add_argument("--anti-expert", help="proxy-tuning: the untuned small model's checkpoint")
-    parser.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength")
+    parser.add_argument("--alpha", type=float, help="proxy-tuning strength (default 1.0)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
 
@@ -44,6 +44,10 @@ class Scorer:
     expert: Transformer | None = None
     anti: Transformer | None = None
     alpha: float = 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.lm_head.weight.device
 
     @property
     def max_seq_len(self) -> int:
@@ -70,24 +74,35 @@ class Scorer:
 
 
 def load_scorer(args: argparse.Namespace) -> Scorer:
-    """The model(s) named by add_model_args' flags; a proxy's models must share one tokenizer and vocabulary."""
+    """The model(s) named by add_model_args' flags; a proxy's models must share one tokenizer and vocabulary.
+
+    Tokenizers are checked before any model is loaded, so a mismatch fails at once, whatever the models' size.
+    """
     if bool(args.expert) != bool(args.anti_expert):
         raise ValueError("proxy-tuning needs both --expert and --anti-expert")
+    if args.alpha is not None and not args.expert:
+        raise ValueError("--alpha steers proxy-tuning: give --expert and --anti-expert too")
     paths = [Path(p) for p in (args.checkpoint, args.expert, args.anti_expert) if p]
-    models = [load_model(p, args.device, DTYPES[args.dtype])[0] for p in paths]
-    tokenizers = [tokenizer_path(p) for p in paths]
-    for path, tok in zip(paths, tokenizers):
-        if tok is None:
-            raise CheckpointError(f"{path}: checkpoint has no tokenizer.model")
-    loaded = [Tokenizer(t) for t in tokenizers]
-    for path, tok, model in zip(paths[1:], loaded[1:], models[1:]):
-        if tok.sha256 != loaded[0].sha256:
+    tokenizers = [checkpoint_tokenizer(p) for p in paths]
+    for path, tok in zip(paths[1:], tokenizers[1:]):
+        if tok.sha256 != tokenizers[0].sha256:
             raise ValueError(
                 f"{path}: tokenizer differs from {paths[0]}'s (checksum); proxy-tuning needs one vocabulary"
             )
+    models = [load_model(p, args.device, DTYPES[args.dtype])[0] for p in paths]
+    for path, model in zip(paths[1:], models[1:]):
         if model.cfg.vocab_size != models[0].cfg.vocab_size:
             raise ValueError(f"{path}: model.vocab_size {model.cfg.vocab_size} != {models[0].cfg.vocab_size}")
-    scorer = Scorer(models[0], loaded[0], alpha=args.alpha)
+    scorer = Scorer(models[0], tokenizers[0], alpha=1.0 if args.alpha is None else args.alpha)
     if len(models) == 3:
         scorer.expert, scorer.anti = models[1], models[2]
     return scorer
+
+
+def checkpoint_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer saved with a checkpoint (read_state first, so a missing checkpoint is named as such)."""
+    read_state(path)
+    tok = tokenizer_path(path)
+    if tok is None:
+        raise CheckpointError(f"{path}: checkpoint has no tokenizer.model")
+    return Tokenizer(tok)

@@ -95,6 +95,7 @@ def empty_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    model.tie_weights()
     model.to(dtype)
     model.init_rope()
     return model

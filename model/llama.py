@@ -139,11 +139,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when configured (again after `to_empty`, which unties them)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -1,0 +1,236 @@
+"""Average the weights of compatible checkpoints (model soups, WARM, checkpoint averaging), or score the straight
+line between two of them.
+
+    python -m model.average CKPT [CKPT ...] [--weights W [W ...]] --output DIR [--overwrite]
+    python -m model.average --interpolate A B --data DIR [--points 11] [--max-windows N] [--plot FILE.png]
+
+The average is a weights-only checkpoint in the trainer's format (its train_state.json says "weights_only": true
+and records the sources and their weights; the model config is the first checkpoint's). eval.*, model.export and
+train.py --init_from read it; training cannot resume from it (it has no optimizer state). The weights are
+normalised to sum to 1. The checkpoints must hold tensors of the same names and shapes and the same tokenizer.
+The mean is taken in fp32, one checkpoint at a time: memory stays at about two models, whatever their number.
+
+--interpolate prints one JSON line {"t", "loss", "ppl"} for each of --points evenly spaced t in [0, 1], the held-out
+loss of (1 - t) A + t B on the validation split of a prepared dataset, scored as eval.perplexity scores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from data.shards import DataError
+from data.tokenizer import Tokenizer, file_sha256
+from eval.perplexity import ALL_WINDOWS, dataset_batches, score
+from eval.proxy import Scorer
+from model.checkpoint import (
+    CheckpointError,
+    empty_model,
+    load_model,
+    model_config,
+    read_state,
+    save_weights,
+    tokenizer_path,
+)
+from model.config import ModelConfig
+from model.llama import Transformer
+
+
+def normalised(weights: list[float] | None, n: int) -> list[float]:
+    """Mixing weights that sum to 1 (equal ones by default)."""
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise ValueError(f"--weights: {len(weights)} weight(s) for {n} checkpoint(s)")
+    if not all(w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--weights must be non-negative and not all zero, got {weights}")
+    return [w / sum(weights) for w in weights]
+
+
+def shared_tokenizer(paths: list[Path]) -> Path | None:
+    """The tokenizer file every checkpoint was saved with (a checksum mismatch, or a missing one, is an error)."""
+    files = [tokenizer_path(p) for p in paths]
+    sums = [file_sha256(f) if f else None for f in files]
+    for path, checksum in zip(paths[1:], sums[1:]):
+        if checksum != sums[0]:
+            raise CheckpointError(f"{path}: tokenizer differs from {paths[0]}'s (checksum)")
+    return files[0]
+
+
+def tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights by name; tied embeddings appear once, so they are averaged once."""
+    return dict(model.named_parameters())
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """The shapes of the weights a checkpoint of this config holds (built on the meta device: nothing is loaded)."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in Transformer(cfg).named_parameters()}
+
+
+def check_compatible(paths: list[Path]) -> None:
+    """The same tensor names and shapes in every checkpoint; the error names the first tensor that differs."""
+    first = tensor_shapes(model_config(read_state(paths[0])))
+    for path in paths[1:]:
+        shapes = tensor_shapes(model_config(read_state(path)))
+        for name in sorted(first.keys() | shapes.keys()):
+            if name not in shapes:
+                raise CheckpointError(f"{path}: has no tensor {name} (which {paths[0]} has)")
+            if name not in first:
+                raise CheckpointError(f"{path}: has tensor {name}, which {paths[0]} has not")
+            if shapes[name] != first[name]:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {list(shapes[name])}, {paths[0]}'s has {list(first[name])}"
+                )
+
+
+@torch.no_grad()
+def average_models(paths: list[Path], weights: list[float]) -> Transformer:
+    """sum_i w_i x_i (weights summing to 1) as a running weighted mean: mean += (w_i / W_i) (x_i - mean), W_i the
+    weight seen so far. torch.lerp keeps the exact cases exact: identical checkpoints average to themselves, a
+    weight of 0 changes nothing, and the first positive weight copies its checkpoint."""
+    mean, _ = load_model(paths[0])  # fp32, and the accumulator from here on
+    accumulators = tensors(mean)
+    seen = weights[0]
+    for path, weight in zip(paths[1:], weights[1:]):
+        model, _ = load_model(path)
+        seen += weight
+        if seen > 0:
+            for name, x in tensors(model).items():
+                accumulators[name].lerp_(x, weight / seen)
+        del model
+    return mean
+
+
+def check_output(output: Path, sources: list[Path], overwrite: bool) -> None:
+    """--output must not hold a source (--overwrite would delete it) and must be new or empty unless --overwrite."""
+    out = output.resolve()
+    for source in sources:
+        if out.is_relative_to(source.resolve()) or source.resolve().is_relative_to(out):
+            raise ValueError(f"--output {output} must lie outside the checkpoint {source}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"{output}: exists and is not empty (add --overwrite to replace it)")
+
+
+def average_checkpoints(
+    paths: list[str | Path], output: str | Path, weights: list[float] | None = None, overwrite: bool = False
+) -> dict:
+    """Write the weighted average of `paths` as a weights-only checkpoint at `output`; returns its JSON state."""
+    paths, output = [Path(p) for p in paths], Path(output)
+    weights = normalised(weights, len(paths))
+    check_output(output, paths, overwrite)
+    check_compatible(paths)  # and complete: all of them, before any is loaded
+    tokenizer = shared_tokenizer(paths)
+    mean = average_models(paths, weights)
+    state = {
+        "config": read_state(paths[0])["config"],
+        "weights_only": True,
+        "sources": [str(p) for p in paths],
+        "weights": weights,
+    }
+    if output.is_dir():
+        shutil.rmtree(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(output, mean.state_dict(), state, tokenizer)
+    return state
+
+
+@torch.no_grad()
+def interpolation_losses(
+    a: str | Path,
+    b: str | Path,
+    data: str | Path,
+    points: int = 11,
+    max_windows: int = ALL_WINDOWS,
+    echo: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Held-out loss of (1 - t) A + t B at `points` evenly spaced t in [0, 1] (the endpoints are A and B exactly).
+
+    `echo(record)` is called as each point is scored. Memory: three models (A, B and the point between them)."""
+    if points < 2:
+        raise ValueError(f"--points must be at least 2, got {points}")
+    a, b = Path(a), Path(b)
+    check_compatible([a, b])
+    found = shared_tokenizer([a, b])
+    if found is None:
+        raise CheckpointError(f"{a}: checkpoint has no tokenizer.model (needed to check --data)")
+    tokenizer = Tokenizer(found)
+    model_a, model_b = load_model(a)[0], load_model(b)[0]
+    point = empty_model(model_a.cfg).eval()
+    start, end = tensors(model_a), tensors(model_b)
+    results = []
+    for i in range(points):
+        t = i / (points - 1)
+        for name, p in tensors(point).items():
+            p.copy_(start[name]).lerp_(end[name], t)
+        batches = dataset_batches(
+            data, "val", tokenizer, point.cfg.max_seq_len, point.cfg.vocab_size, max_windows=max_windows
+        )
+        scored = score(Scorer(point, tokenizer), batches)
+        results.append({"t": t, "loss": scored["loss"], "ppl": scored["ppl"]})
+        if echo is not None:
+            echo(results[-1])
+    return results
+
+
+def plot_interpolation(ax, results: list[dict], label_a: str = "A", label_b: str = "B") -> None:
+    """Loss along the line from A (t = 0) to B (t = 1) on a matplotlib axes."""
+    ax.plot([r["t"] for r in results], [r["loss"] for r in results], marker="o")
+    ax.set_xlabel(f"t: (1 - t) {label_a} + t {label_b}")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(f"linear interpolation {label_a} -> {label_b}")
+    ax.grid(alpha=0.3)
+
+
+def save_interpolation_plot(results: list[dict], path: str | Path, label_a: str, label_b: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_interpolation(ax, results, label_a, label_b)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint directories to average")
+    p.add_argument("--weights", nargs="+", type=float, help="one mixing weight per checkpoint (normalised)")
+    p.add_argument("--output", help="directory of the averaged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="score the line between two checkpoints")
+    p.add_argument("--points", type=int, default=11, help="points on the line, endpoints included")
+    p.add_argument("--data", help="prepared dataset whose validation split is scored (--interpolate)")
+    p.add_argument("--max-windows", type=int, default=ALL_WINDOWS, help="score at most this many windows")
+    p.add_argument("--plot", help="PNG file for the interpolation curve")
+    args = p.parse_args(argv)
+    try:
+        if args.interpolate:
+            if args.checkpoints or not args.data:
+                raise ValueError("--interpolate A B takes no other checkpoints and needs --data")
+            echo = lambda record: print(json.dumps(record), flush=True)
+            results = interpolation_losses(*args.interpolate, args.data, args.points, args.max_windows, echo)
+            if args.plot:
+                save_interpolation_plot(results, args.plot, *(Path(c).name for c in args.interpolate))
+        else:
+            if not args.checkpoints or not args.output:
+                raise ValueError("give the checkpoints to average and --output (or --interpolate A B --data DIR)")
+            state = average_checkpoints(args.checkpoints, args.output, args.weights, args.overwrite)
+            print(f"{args.output}: average of {len(state['sources'])} checkpoint(s), weights {state['weights']}")
+    except (DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
