@@ -43,7 +43,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eval.tables import markdown_table
-from model.attention import attend, flash_attn_installed, flash_unavailable_reason
+from model.attention import FLASH_ATTN_INSTALLED, attend, flash_unavailable_reason
 from model.config import ModelConfig
 from model.moe import MoEFeedForward, use_grouped_mm
 from training.metrics import device_peak_flops
@@ -402,7 +402,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "flash_attn": flash_attn_installed(),
+        "flash_attn": FLASH_ATTN_INSTALLED,
         "grouped_mm": hasattr(torch, "_grouped_mm"),
     }
     if device.type == "cuda":

@@ -1,24 +1,26 @@
-"""Attention backends behind one function: flash-attn 2 where it can run, else torch's SDPA."""
+"""Attention backends behind one function: flash-attn 2 where it can run, torch's SDPA elsewhere, and plain batched
+matmuls for bf16 on a CPU, where they measured about twice as fast as SDPA's CPU kernel at training shapes."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "flash", "sdpa", "matmul")
+MATMUL_MAX_SEQ = 1024  # the matmul path holds [batch, heads, seq, seq] scores: longer sequences go to SDPA
 
 
-@functools.cache
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 def flash_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why flash-attn 2 cannot run on this device and dtype, or None when it can."""
-    if not flash_attn_installed():
+    if not FLASH_ATTN_INSTALLED:
         return "flash-attn is not installed (pip install flash-attn on a CUDA machine)"
     if device.type != "cuda":
         return f"flash-attn needs a CUDA device, got {device.type}"
@@ -28,17 +30,17 @@ def flash_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | 
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map `auto|flash|sdpa` to the backend that runs; asking for flash where it cannot run is an error."""
-    if requested == "sdpa":
-        return "sdpa"
+    """Map `auto|flash|sdpa|matmul` to the backend that runs; asking for flash where it cannot run is an error."""
+    if requested not in BACKENDS:
+        raise ValueError(f"model.attention must be one of {', '.join(BACKENDS)}, got {requested!r}")
     reason = flash_unavailable_reason(device, dtype)
-    if requested == "flash":
-        if reason:
-            raise ValueError(f"model.attention=flash cannot run: {reason}")
+    if requested == "flash" and reason:
+        raise ValueError(f"model.attention=flash cannot run: {reason}")
+    if requested != "auto":
+        return requested
+    if not reason:
         return "flash"
-    if requested == "auto":
-        return "sdpa" if reason else "flash"
-    raise ValueError(f"model.attention must be auto, flash or sdpa, got {requested!r}")
+    return "matmul" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
 
 
 def attend(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, backend: str) -> torch.Tensor:
@@ -51,8 +53,10 @@ def attend(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, bac
 
         # flash-attn aligns the causal mask to the bottom right, which is what a cache needs; GQA is native.
         return flash_attn_func(q_BTHD, k_BTKD, v_BTKD, causal=True)
+    tq, tk = q_BTHD.shape[1], k_BTKD.shape[1]
+    if backend == "matmul" and tq == tk <= MATMUL_MAX_SEQ:
+        return _matmul_attention(q_BTHD, k_BTKD, v_BTKD)
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTKD, v_BTKD))
-    tq, tk = q.shape[2], k.shape[2]
     if tq == tk:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
@@ -60,3 +64,27 @@ def attend(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, bac
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return o.transpose(1, 2)
+
+
+def _causal_bias(seq: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[groups * seq, seq]: 0 where a query may attend, -inf on future keys; one block per stacked query head."""
+    future = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(diagonal=1)
+    return torch.zeros(seq, seq, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(groups, 1)
+
+
+_cached_causal_bias = functools.cache(_causal_bias)  # eager calls reuse it; a compiled graph builds it in place
+
+
+def _matmul_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d) + causal mask) V as two batched matmuls. The query heads that share a K/V head are
+    stacked along the sequence axis, so K and V are never repeated; the scale goes on Q (T x smaller than the
+    scores) and the mask is added inside the first matmul."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BTKD.shape[2]
+    G = H // K
+    q_NGtD = (q_BTHD * (1.0 / math.sqrt(D))).view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
+    k_NDT = k_BTKD.permute(0, 2, 3, 1).reshape(B * K, D, T)
+    bias = _causal_bias if torch.compiler.is_compiling() else _cached_causal_bias
+    scores_NGtT = torch.baddbmm(bias(T, G, q_NGtD.dtype, q_NGtD.device), q_NGtD, k_NDT)
+    out_NGtD = torch.softmax(scores_NGtT, dim=-1) @ v_BTKD.transpose(1, 2).reshape(B * K, T, D)
+    return out_NGtD.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)

@@ -1,8 +1,8 @@
 """Cross-entropy over the vocabulary without materialising [tokens, vocab] logits at once.
 
-The output projection and the loss are computed together, chunk by chunk of tokens: each chunk's logits live in
-fp32 only while its loss and its gradients (w.r.t. the hidden states and the head weight) are taken, so peak memory
-is one chunk of logits instead of the full [batch * seq, vocab] tensor plus its fp32 copy and gradient.
+The output projection and the loss are computed together, chunk by chunk of tokens: each chunk's probabilities live
+in fp32 only while its loss and its gradients (w.r.t. the hidden states and the head weight) are taken, so peak
+memory is one chunk of logits instead of the full [batch * seq, vocab] tensor plus its fp32 copy and gradient.
 """
 
 from __future__ import annotations
@@ -10,24 +10,32 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB in fp32
+# Logits per chunk: on a CPU small chunks keep peak memory low at no cost in speed; a GPU wants fewer, larger matmuls.
+CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+MIN_CHUNK_ROWS = 256
+TINY_PROB = 1e-30  # below this a target's fp32 probability loses precision: its loss is taken from the logits
 
 
-def chunk_rows(vocab_size: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+def chunk_rows(vocab_size: int, device: torch.device) -> int:
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // vocab_size)
 
 
-def _chunk_logits(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
-    return (h_CD @ w_VD.t()).float()
-
-
-def _chunk_nll(logits_CV: torch.Tensor, targets_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the valid targets, the log-sum-exp per row and the validity mask."""
-    valid_C = targets_C != IGNORE_INDEX
-    lse_C = torch.logsumexp(logits_CV, dim=-1)
-    target_logit_C = logits_CV.gather(1, targets_C.clamp(min=0).unsqueeze(1)).squeeze(1)
-    nll = ((lse_C - target_logit_C) * valid_C).sum()
-    return nll, lse_C, valid_C
+def _chunk_probs_and_nll(
+    h_CD: torch.Tensor, w_VD: torch.Tensor, t_C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(h @ w.T) in fp32 [C, V], the summed negative log-likelihood of the valid targets, and the validity
+    mask. One softmax pass gives both the loss (-log p of the target) and the gradient (p - onehot)."""
+    logits_CV = h_CD @ w_VD.t()
+    probs_CV = torch.softmax(logits_CV, dim=-1, dtype=torch.float32)
+    valid_C = t_C != IGNORE_INDEX
+    target_C = t_C.clamp(min=0).unsqueeze(1)
+    p_target_C = probs_CV.gather(1, target_C).squeeze(1)
+    nll_C = -p_target_C.log()
+    tiny_C = (p_target_C < TINY_PROB) & valid_C
+    if tiny_C.any():  # rare: a very confident wrong prediction; log-sum-exp keeps its loss exact
+        rows = logits_CV[tiny_C].float()
+        nll_C[tiny_C] = torch.logsumexp(rows, dim=-1) - rows.gather(1, target_C[tiny_C]).squeeze(1)
+    return probs_CV, (nll_C * valid_C).sum(), valid_C
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -37,21 +45,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
         n_valid = (targets_N != IGNORE_INDEX).sum().clamp(min=1)
         grad_h_ND = torch.empty_like(h_ND)
-        rows = chunk_rows(w_VD.shape[0])
+        rows = chunk_rows(w_VD.shape[0], h_ND.device)
         # Several chunks add up their head-weight gradients in fp32; a single chunk writes it once, in place.
         acc_dtype = w_VD.dtype if h_ND.shape[0] <= rows else torch.float32
         grad_w_VD = torch.zeros(w_VD.shape, dtype=acc_dtype, device=w_VD.device)
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         for start in range(0, h_ND.shape[0], rows):
             h_CD, t_C = h_ND[start : start + rows], targets_N[start : start + rows]
-            logits_CV = _chunk_logits(h_CD, w_VD)
-            nll, lse_C, valid_C = _chunk_nll(logits_CV, t_C)
+            probs_CV, nll, valid_C = _chunk_probs_and_nll(h_CD, w_VD, t_C)
             total += nll
-            # d(mean nll)/d(logits) = (softmax - onehot) / n_valid on valid rows, computed in place on the logits.
-            grad_CV = logits_CV.sub_(lse_C.unsqueeze(1)).exp_()
-            grad_CV[torch.arange(len(t_C), device=t_C.device), t_C.clamp(min=0)] -= 1
-            grad_CV.mul_((valid_C / n_valid).unsqueeze(1))
-            grad_CV = grad_CV.to(h_ND.dtype)
+            # d(mean nll)/d(logits) = (softmax - onehot) / n_valid on valid rows, in place on the probabilities.
+            probs_CV.scatter_add_(1, t_C.clamp(min=0).unsqueeze(1), probs_CV.new_full((len(t_C), 1), -1.0))
+            grad_CV = probs_CV.mul_((valid_C / n_valid).unsqueeze(1)).to(h_ND.dtype)
             torch.mm(grad_CV, w_VD, out=grad_h_ND[start : start + rows])
             if acc_dtype == w_VD.dtype:
                 grad_w_VD.addmm_(grad_CV.t(), h_CD)
@@ -71,9 +76,9 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torc
     if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
         return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N)
     n_valid = (targets_N != IGNORE_INDEX).sum().clamp(min=1)
-    rows = chunk_rows(w_VD.shape[0])
+    rows = chunk_rows(w_VD.shape[0], h_ND.device)
     total = sum(
-        _chunk_nll(_chunk_logits(h_ND[s : s + rows], w_VD), targets_N[s : s + rows])[0]
+        _chunk_probs_and_nll(h_ND[s : s + rows], w_VD, targets_N[s : s + rows])[1]
         for s in range(0, h_ND.shape[0], rows)
     )
     return total / n_valid

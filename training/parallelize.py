@@ -11,11 +11,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from model.llama import Transformer
 
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
-    """bf16 compute with gradients reduced in fp32; `bf16-mixed` keeps fp32 master weights, `bf16-true` does not."""
+def mixed_precision_policy(precision: str, world_size: int) -> MixedPrecisionPolicy | None:
+    """bf16 compute with gradients reduced in fp32; `bf16-mixed` keeps fp32 master weights, `bf16-true` does not
+    (and on one rank has nothing to reduce, so it skips the round trip of its gradients through fp32)."""
     if precision == "bf16-mixed":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if precision == "bf16-true":
+    if precision == "bf16-true" and world_size > 1:
         return MixedPrecisionPolicy(reduce_dtype=torch.float32)
     return None
 
@@ -32,7 +33,7 @@ def parallelize(
             block.compile()
         model.layers[i] = block
     dp_mesh = mesh["data_parallel"]
-    mp = mixed_precision_policy(precision)
+    mp = mixed_precision_policy(precision, dp_mesh.size())
     kwargs = {"mesh": dp_mesh, "mp_policy": mp} if mp else {"mesh": dp_mesh}
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again right away by backward: keep them gathered.
