@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from jsonargparse import ArgumentError
 
 from model.config import flops_per_token
 from model.llama import count_parameters
@@ -61,7 +62,8 @@ def counts(cfg: TrainConfig) -> dict:
     }
 
 
-def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict:
+def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
+    """The record of `steps` timed training steps (on rank 0; None on the other ranks)."""
     fabric = launch(cfg)
     model = fabric.setup_module(build_model(cfg))
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
@@ -98,7 +100,8 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict:
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         achieved_gflops=round(achieved / 1e9, 2),
         peak_gflops=round(peak / 1e9, 1) if peak else None,
-        mfu=round(achieved / peak, 4) if peak else None,
+        mfu=round(achieved / (peak * fabric.world_size), 4) if peak else None,
+        world_size=fabric.world_size,
         threads=torch.get_num_threads(),
         device=str(fabric.device),
         loss_first=round(losses[0], 4),
@@ -106,17 +109,18 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict:
         steps=steps,
         warmup=warmup,
     )
-    return record
+    return record if fabric.global_rank == 0 else None
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_config(argv, prog="python -m eval.bench", extra_args=add_bench_args)
         check_init_from(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ArgumentError, ValueError) as e:
+        sys.exit(f"error: {e}".replace("\n", " "))
     record = counts(cfg) if cfg.steps == 0 else bench(cfg, cfg.steps, cfg.warmup)
-    print(json.dumps(record), flush=True)
+    if record is not None:
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def fmt(value) -> str:
     """Booleans as yes/no, floats to 3 significant digits (whole and grouped from 1000 up), None as blank."""
@@ -12,8 +14,9 @@ def fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    """One row per record, its values under `columns` (a missing value is blank)."""
+def markdown_table(rows: list[dict], columns: list[str] | None = None, cell: Callable[[object], str] = fmt) -> str:
+    """One row per record, its values under `columns` (default: the first record's keys; a missing value is blank)."""
+    columns = columns or list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

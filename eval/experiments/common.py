@@ -22,6 +22,7 @@ from data.sources import stdlib_files
 from data.tokenizer import Tokenizer
 from eval.perplexity import ALL_WINDOWS, dataset_batches, score
 from eval.proxy import Scorer, checkpoint_tokenizer
+from eval.tables import markdown_table
 from model.checkpoint import checkpoint_name, load_model
 from model.llama import Transformer
 
@@ -166,17 +167,16 @@ def held_out_loss(model: Scorer | Ensemble, data: Path, max_windows: int = ALL_W
     return score(model, batches)["loss"]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+def loss_cell(value) -> str:
+    """Losses to 4 decimals, counts with thousands separators."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value if value is not None else "")
 
 
 def report(out_dir: Path, title: str, rows: list[dict], notes: str, extra: dict | None = None) -> None:
     """table.md (title, table, notes) and results.json in `out_dir`; the table is printed for the README."""
-    table = markdown_table(rows)
+    table = markdown_table(rows, cell=loss_cell)
     (out_dir / "table.md").write_text(f"### {title}\n\n{table}\n\n{notes}\n")
     (out_dir / "results.json").write_text(json.dumps({"title": title, "rows": rows, **(extra or {})}, indent=1) + "\n")
     print(f"\n### {title}\n\n{table}\n\n{notes}\n\n(written to {out_dir.relative_to(REPO)})")
