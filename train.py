@@ -26,8 +26,17 @@ from model.config import flops_per_token
 from model.sampling import generate, model_step
 from training.checkpoint import Checkpointer, load_training_state, resume_path
 from training.config import TrainConfig, parse_config
-from training.loop import Progress, StopOnSigterm, evaluate, lr_at, make_optimizer, train_step
-from training.metrics import MetricsLogger, device_peak_flops
+from training.loop import (
+    Progress,
+    StopOnSigterm,
+    evaluate,
+    lr_at,
+    make_optimizer,
+    set_lr,
+    skip_or_stop,
+    train_step,
+)
+from training.metrics import MetricsLogger, Throughput, device_peak_flops
 from training.setup import TrainingError, build_model, check_attention, check_init_from, launch
 
 USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, TrainingError, DataError, CheckpointError)
@@ -64,8 +73,8 @@ def train(cfg: TrainConfig) -> None:
     loader = rank_loader(cfg, datasets, progress.data, fabric)
     batches, quotas = iter(loader), loader.batch_sampler.quotas
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    flops_per_step = flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
     peak = device_peak_flops(fabric.device)
+    meter = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.seq_len), peak and peak * fabric.world_size)
 
     rank0 = fabric.global_rank == 0
     logger = MetricsLogger(out_dir, rank0, progress.step)
@@ -81,48 +90,25 @@ def train(cfg: TrainConfig) -> None:
         checkpointer.save(progress.step, model, optimizer, state)
 
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=not rank0, dynamic_ncols=True)
-    window_time, window_steps = 0.0, 0
     try:
         if progress.step == 0 and cfg.eval_every:
             logger.log(0, evaluate(fabric, model, val_streams, weights, cfg))
         while progress.step < cfg.max_steps:
-            lr = lr_at(progress.step, cfg.optim, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
+            lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps))
+            started = time.perf_counter()
             result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, sigterm.requested)
-            window_time += time.perf_counter() - t0
-            window_steps += 1
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            progress.data.advance(quotas)
+            meter.add(time.perf_counter() - started)
+            progress.advance(tokens_per_step, quotas)
             if not result.finite:
-                progress.nan_skipped += 1
-                fabric.print(f"step {progress.step}: non-finite loss or gradients, update skipped")
-                if progress.nan_skipped > cfg.skip_nan_batches:
-                    raise TrainingError(
-                        f"loss or gradients not finite at step {progress.step} (loss {result.loss}, gradient norm "
-                        f"{result.grad_norm}); stopped without saving (skip_nan_batches={cfg.skip_nan_batches})"
-                    )
+                skip_or_stop(progress, result, cfg.skip_nan_batches, fabric)
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.3f}")
             checkpointer.poll()
 
-            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-                tokens_per_s = tokens_per_step * window_steps / window_time
-                metrics = {
-                    "loss": result.loss,
-                    "lr": lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens": progress.tokens,
-                    "tokens_per_s": tokens_per_s,
-                    **result.moe,
-                }
-                if peak:
-                    metrics["mfu"] = flops_per_step * window_steps / window_time / (peak * fabric.world_size)
-                logger.log(progress.step, metrics)
-                window_time, window_steps = 0.0, 0
             finished = progress.step == cfg.max_steps
+            if progress.step % cfg.log_every == 0 or finished:
+                step_metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": progress.tokens}
+                logger.log(progress.step, {**step_metrics, **meter.read(), **result.moe})
             if cfg.eval_every and (progress.step % cfg.eval_every == 0 or finished):
                 val = evaluate(fabric, model, val_streams, weights, cfg)
                 logger.log(progress.step, val)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model.config import PRESETS
 from model.llama import count_parameters
 from model.moe import MoEFeedForward, Routing, route, router_stats
-from tests.conftest import run_train, tiny_config, train_losses
+from tests.conftest import read_metrics, run_train, tiny_config, train_losses
 
 
 def naive_moe(ffn: MoEFeedForward, x_ND: torch.Tensor) -> torch.Tensor:
@@ -116,13 +116,28 @@ def test_moe_parameter_counts():
     assert tiny_total - tiny_active == 4 * 6 * expert  # 6 of 8 experts idle per token, 4 layers
 
 
-def test_moe_run_loss_falls_and_logs_router_losses(dataset, tmp_path):
-    run_train([f"--data={dataset}", f"--out_dir={tmp_path}", "--max_steps=12", "--eval_every=0",
-               "--model.num_experts=4", "--model.top_k=2"])  # fmt: skip
-    losses = train_losses(tmp_path)
-    assert losses[12] < losses[1] - 0.5
-    from tests.conftest import read_metrics
+MOE_RUN = ["--max_steps=12", "--eval_every=0", "--model.num_experts=4", "--model.top_k=2"]
 
-    last = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
+
+@pytest.fixture(scope="module")
+def moe_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe")
+    run_train([f"--data={dataset}", f"--out_dir={out}", *MOE_RUN])
+    return out
+
+
+def test_moe_run_loss_falls_and_logs_router_losses(moe_run):
+    losses = train_losses(moe_run)
+    assert losses[12] < losses[1] - 0.5
+    last = [r for r in read_metrics(moe_run) if "loss" in r][-1]
     assert {"aux_loss", "balance_loss", "z_loss", "expert_load"} <= set(last)
     assert len(last["expert_load"]) == 2 and sum(last["expert_load"][0]) == pytest.approx(1.0)
+
+
+def test_moe_under_two_process_fsdp_with_activation_checkpointing(moe_run, dataset, tmp_path):
+    two_processes = ["--devices=2", "--activation_checkpointing=full"]
+    run_train([f"--data={dataset}", f"--out_dir={tmp_path}", *MOE_RUN, *two_processes])
+    one, two = train_losses(moe_run), train_losses(tmp_path)
+    assert one.keys() == two.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)

@@ -15,6 +15,7 @@ from lightning.fabric import Fabric
 from data.stream import DataState, TokenStream, val_batches
 from model.loss import IGNORE_INDEX
 from training.config import OptimConfig, TrainConfig
+from training.setup import TrainingError
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -37,6 +38,12 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 @dataclass
 class Progress:
     """Counters that a checkpoint restores, next to model and optimizer state."""
@@ -45,6 +52,12 @@ class Progress:
     step: int = 0
     tokens: int = 0
     nan_skipped: int = 0
+
+    def advance(self, tokens: int, quotas: list[int]) -> None:
+        """One optimizer step done: `tokens` trained on, each dataset's quota of windows consumed."""
+        self.step += 1
+        self.tokens += tokens
+        self.data.advance(quotas)
 
     def state_dict(self) -> dict:
         return {
@@ -69,6 +82,17 @@ class StepResult:
     finite: bool
     stop_requested: bool  # SIGTERM reached at least one rank
     moe: dict = field(default_factory=dict)
+
+
+def skip_or_stop(progress: Progress, result: StepResult, skip_nan_batches: int, fabric: Fabric) -> None:
+    """A step whose loss or gradients were not finite was skipped; stop once more than `skip_nan_batches` were."""
+    progress.nan_skipped += 1
+    fabric.print(f"step {progress.step}: non-finite loss or gradients, update skipped")
+    if progress.nan_skipped > skip_nan_batches:
+        raise TrainingError(
+            f"loss or gradients not finite at step {progress.step} (loss {result.loss}, gradient norm "
+            f"{result.grad_norm}); stopped without saving (skip_nan_batches={skip_nan_batches})"
+        )
 
 
 def train_step(

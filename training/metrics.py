@@ -21,6 +21,25 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 
 
+class Throughput:
+    """Training tokens/s (and MFU where the peak is known) over the steps since the last read."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: int, peak_flops: float | None) -> None:
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    def read(self) -> dict:
+        tokens_per_s = self.tokens_per_step * self.steps / self.seconds
+        self.seconds, self.steps = 0.0, 0
+        if not self.peak:
+            return {"tokens_per_s": tokens_per_s}
+        return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak}
+
+
 class MetricsLogger:
     """One JSON object per logged step in `<out_dir>/metrics.jsonl` and the same scalars in TensorBoard.
 
