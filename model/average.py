@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--points", type=int, default=11, help="points on the line, endpoints included")
     p.add_argument("--data", help="prepared dataset whose validation split is scored (--interpolate)")
     p.add_argument("--max-windows", type=int, default=ALL_WINDOWS, help="score at most this many windows")
-    p.add_argument("--plot", help="PNG file for the interpolation curve")
+    p.add_argument("--plot", default="interpolation.png", help="PNG file for the interpolation curve")
     args = p.parse_args(argv)
     try:
         if args.interpolate:
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError("--interpolate A B takes no other checkpoints and needs --data")
             echo = lambda record: print(json.dumps(record), flush=True)
             results = interpolation_losses(*args.interpolate, args.data, args.points, args.max_windows, echo)
-            if args.plot:
-                save_interpolation_plot(results, args.plot, *(Path(c).name for c in args.interpolate))
+            save_interpolation_plot(results, args.plot, *(Path(c).name for c in args.interpolate))
+            print(f"plot: {args.plot}", file=sys.stderr)
         else:
             if not args.checkpoints or not args.output:
                 raise ValueError("give the checkpoints to average and --output (or --interpolate A B --data DIR)")

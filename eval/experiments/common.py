@@ -53,10 +53,13 @@ class Shape:
         return [f"--model.{key}={value}" for key, value in vars(self).items()]
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, steps: int | None = None) -> argparse.Namespace:
+    """--quick and --domain; --steps too when the experiment has a default number of steps."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="shrink everything to finish in a minute or two")
     p.add_argument("--domain", default="email", help="the held-out stdlib package")
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps, help="optimizer steps of each run")
     return p.parse_args()
 
 

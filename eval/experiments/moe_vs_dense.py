@@ -2,10 +2,10 @@
 against configs/tiny-moe.yaml with experts of half the dense FFN width, so that a token passes through as many
 parameters in both (top-2 of 8 experts of width 344 = one FFN of width 688), at equal steps on the default corpus.
 
-    python -m eval.experiments.moe_vs_dense [--quick]
+    python -m eval.experiments.moe_vs_dense [--quick] [--steps 300]
 
 Reported: parameters (total and active per token), final validation loss, median training tokens/s. Writes
-table.md, results.json and plot.png (validation loss over steps) to runs/experiments/moe-vs-dense[-quick]/.
+table.md, results.json and plot.png (validation loss over steps) to runs/experiments/moe-vs-dense-STEPS[-quick]/.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def run(name: str, flags: list[str], steps: int, out) -> list[dict]:
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
-    steps = 30 if args.quick else 300
-    out = output_dir("moe-vs-dense", args.quick)
+    args = parse_args(__doc__.split("\n\n")[0], steps=300)
+    steps = 30 if args.quick else args.steps
+    out = output_dir(f"moe-vs-dense-{steps}", args.quick)
     rows, curves = [], {}
     for name, flags in RUNS.items():
         records = run(name, flags, steps, out)
