@@ -20,7 +20,7 @@ from tqdm import tqdm
 from data.corpus import default_corpus
 from data.shards import DataError, read_manifest
 from data.stream import DataState, open_streams, train_loader
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, file_sha256
 from model.checkpoint import CheckpointError
 from model.config import flops_per_token
 from model.sampling import generate, model_step
@@ -37,7 +37,14 @@ from training.loop import (
     train_step,
 )
 from training.metrics import MetricsLogger, Throughput, device_peak_flops
-from training.setup import TrainingError, build_model, check_attention, check_init_from, launch
+from training.setup import (
+    TrainingError,
+    build_model,
+    check_attention,
+    check_init_from,
+    init_from_tokenizer,
+    launch,
+)
 
 USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, TrainingError, DataError, CheckpointError)
 
@@ -69,7 +76,7 @@ def train(cfg: TrainConfig) -> None:
 
     accum = cfg.grad_accumulation(fabric.world_size)
     weights = list(datasets.values())
-    val_streams = open_streams(list(datasets), "val", cfg.model.vocab_size, cfg.seq_len)
+    val_streams = open_streams(list(datasets), "val", cfg.model.vocab_size, cfg.seq_len) if cfg.eval_every else []
     loader = rank_loader(cfg, datasets, progress.data, fabric)
     batches, quotas = iter(loader), loader.batch_sampler.quotas
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
@@ -130,13 +137,26 @@ def train(cfg: TrainConfig) -> None:
 
 
 def resolve_datasets(cfg: TrainConfig, fabric: Fabric) -> dict[str, float]:
-    """{dataset dir: weight}; with no data configured, the stdlib corpus (prepared by rank 0 if missing)."""
+    """{dataset dir: weight}; with no data configured, the stdlib corpus (prepared by rank 0 if missing) in the
+    tokenizer of the `init_from` model if there is one. The data must be in the initial model's tokenizer."""
+    start_tokenizer = init_from_tokenizer(cfg)
     if cfg.datasets is not None:
-        return cfg.datasets
-    if fabric.global_rank == 0:
-        default_corpus(cfg.model.vocab_size)
-    fabric.barrier()
-    return {str(default_corpus(cfg.model.vocab_size, progress=False)): 1.0}
+        datasets = cfg.datasets
+    else:
+        if fabric.global_rank == 0:
+            default_corpus(cfg.model.vocab_size, start_tokenizer)
+        fabric.barrier()
+        datasets = {str(default_corpus(cfg.model.vocab_size, start_tokenizer, progress=False)): 1.0}
+    if start_tokenizer is not None:
+        check_same_tokenizer(datasets, start_tokenizer)
+    return datasets
+
+
+def check_same_tokenizer(datasets: dict[str, float], tokenizer: Path) -> None:
+    expected = file_sha256(tokenizer)
+    for path in datasets:
+        if read_manifest(Path(path))["tokenizer"]["sha256"] != expected:
+            raise DataError(f"{path}: prepared with another tokenizer than {tokenizer} of init_from")
 
 
 def rank_loader(cfg: TrainConfig, datasets: dict[str, float], state: DataState, fabric: Fabric) -> DataLoader:

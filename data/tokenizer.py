@@ -70,6 +70,16 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, output: Path, max
     """Train a BPE model like Llama's (byte fallback, unk=0 bos=1 eos=2, digits split, whitespace kept as is)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     prefix = output.parent / f".{output.stem}.tmp"  # renamed into place only once training has finished
+    try:
+        _train_bpe(documents, vocab_size, prefix, max_lines)
+    except RuntimeError as e:  # e.g. a vocabulary smaller than the characters the text needs
+        raise ValueError(f"cannot train a tokenizer of {vocab_size} pieces: {str(e).split('] ')[-1]}") from None
+    Path(f"{prefix}.vocab").unlink(missing_ok=True)
+    Path(f"{prefix}.model").replace(output)
+    return Tokenizer(output)
+
+
+def _train_bpe(documents: Iterable[str], vocab_size: int, prefix: Path, max_lines: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(documents, max_lines),
         model_prefix=str(prefix),
@@ -90,6 +100,3 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, output: Path, max
         num_threads=2,
         minloglevel=2,
     )
-    Path(f"{prefix}.vocab").unlink(missing_ok=True)
-    Path(f"{prefix}.model").replace(output)
-    return Tokenizer(output)

@@ -135,6 +135,9 @@ def test_prepare_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
     err = run_prepare("--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o"), "--vocab-size", "300")
     assert "bad.jsonl" in err and "text" in err
+    (tmp_path / "small.txt").write_text("".join(chr(c) for c in range(0x4E00, 0x4F00)))  # 256 characters
+    err = run_prepare("--input", str(tmp_path / "small.txt"), "--output", str(tmp_path / "s"), "--vocab-size", "100")
+    assert "cannot train a tokenizer of 100 pieces" in err
 
 
 def copy_dataset(src, dst):

@@ -246,3 +246,13 @@ def test_launch_errors(dataset, tmp_path):
     expect_error([f"--data={dataset}", "--devices=512"], "devices=512")
     env = dict(subprocess_env(), NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     expect_error([f"--data={dataset}", "--num_nodes=2", "--dist_timeout=2"], "no rendezvous", env=env)
+
+
+def test_init_from_needs_data_in_its_tokenizer(one_process, tmp_path):
+    from data.prepare import prepare
+    from data.sources import stdlib_files
+
+    other = tmp_path / "other"
+    prepare(stdlib_files(packages=["json"]), other, vocab_size=600, val_fraction=0.2, progress=False)
+    start = one_process / "checkpoints" / "step-00000006"
+    expect_error([f"--data={other}", f"--out_dir={tmp_path / 'run'}", f"--init_from={start}"], "another tokenizer")
