@@ -66,25 +66,37 @@ def attend(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, bac
     return o.transpose(1, 2)
 
 
-def _causal_bias(seq: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[groups * seq, seq]: 0 where a query may attend, -inf on future keys; one block per stacked query head."""
-    future = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(diagonal=1)
-    return torch.zeros(seq, seq, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(groups, 1)
+QUERY_BLOCK = 128  # the matmul path's causal blocking: queries in blocks of 128 positions see only earlier keys
+
+
+def _causal_bias(start: int, end: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[(end - start) * groups, end]: 0 where query position t (each repeated for its `groups` stacked heads) may
+    attend to key s <= t, -inf on future keys."""
+    t = torch.arange(start, end, device=device).repeat_interleave(groups)
+    future = torch.arange(end, device=device) > t[:, None]
+    return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
 
 
 _cached_causal_bias = functools.cache(_causal_bias)  # eager calls reuse it; a compiled graph builds it in place
 
 
 def _matmul_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> torch.Tensor:
-    """softmax(QK^T / sqrt(d) + causal mask) V as two batched matmuls. The query heads that share a K/V head are
-    stacked along the sequence axis, so K and V are never repeated; the scale goes on Q (T x smaller than the
-    scores) and the mask is added inside the first matmul."""
+    """softmax(QK^T / sqrt(d) + causal mask) V as batched matmuls over blocks of query positions, each against
+    only the keys up to its last position (about half the work of full scores at 512 positions, and less memory).
+    The query heads that share a K/V head are stacked position-major, so K and V are never repeated and a block of
+    positions is a contiguous slice; the scale goes on Q and the mask is added inside the first matmul."""
     B, T, H, D = q_BTHD.shape
     K = k_BTKD.shape[2]
     G = H // K
-    q_NGtD = (q_BTHD * (1.0 / math.sqrt(D))).view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
+    q_NTgD = (q_BTHD * (1.0 / math.sqrt(D))).view(B, T, K, G, D).transpose(1, 2).reshape(B * K, T * G, D)
     k_NDT = k_BTKD.permute(0, 2, 3, 1).reshape(B * K, D, T)
+    v_NTD = v_BTKD.transpose(1, 2).reshape(B * K, T, D)
     bias = _causal_bias if torch.compiler.is_compiling() else _cached_causal_bias
-    scores_NGtT = torch.baddbmm(bias(T, G, q_NGtD.dtype, q_NGtD.device), q_NGtD, k_NDT)
-    out_NGtD = torch.softmax(scores_NGtT, dim=-1) @ v_BTKD.transpose(1, 2).reshape(B * K, T, D)
-    return out_NGtD.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    blocks = []
+    for start in range(0, T, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, T)
+        q_block = q_NTgD[:, start * G : end * G]
+        scores = torch.baddbmm(bias(start, end, G, q_block.dtype, q_block.device), q_block, k_NDT[:, :, :end])
+        blocks.append(torch.softmax(scores, dim=-1) @ v_NTD[:, :end])
+    out_NTgD = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+    return out_NTgD.view(B, K, T, G, D).transpose(1, 2).reshape(B, T, H, D)

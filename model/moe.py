@@ -57,14 +57,12 @@ def experts_looped(
     """Each non-empty expert on its contiguous slice of the expert-sorted tokens.
 
     `unbind` views the stacked weights once, so backward stacks the expert gradients in one allocation instead of
-    filling a full-size zero gradient per indexed expert.
+    filling a full-size zero gradient per indexed expert; `split` does the same for the tokens.
     """
     gates, ups, downs = gate_EFD.unbind(0), up_EFD.unbind(0), down_EDF.unbind(0)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            outs.append(swiglu(x_SD[start : start + n], gates[e], ups[e], downs[e]))
-        start += n
+    # The last piece holds the padding rows after the last expert's slice.
+    pieces = x_SD.split([*counts, len(x_SD) - sum(counts)])
+    outs = [swiglu(x, gates[e], ups[e], downs[e]) for e, x in enumerate(pieces[:-1]) if len(x)]
     return torch.cat(outs)
 
 

@@ -57,9 +57,11 @@ def test_gqa_equals_full_attention_with_repeated_kv(backend):
 
 @pytest.mark.parametrize("backend", ["sdpa", "matmul"])
 @pytest.mark.parametrize("tq", [16, 1, 5])
-def test_attention_matches_reference(backend, tq):
+@pytest.mark.parametrize("query_block", [128, 6])
+def test_attention_matches_reference(backend, tq, query_block, monkeypatch):
     """Full causal attention and, with a KV cache, queries that are the last tq of 16 positions: forward and
-    backward in fp32, forward in bf16."""
+    backward in fp32, forward in bf16; the matmul path in one block of queries, and in blocks of 6, 6 and 4."""
+    monkeypatch.setattr("model.attention.QUERY_BLOCK", query_block)
     torch.manual_seed(1)
     q = torch.randn(2, tq, 8, 8, requires_grad=True)
     k, v = torch.randn(2, 16, 2, 8, requires_grad=True), torch.randn(2, 16, 2, 8, requires_grad=True)
