@@ -82,10 +82,10 @@ _cached_causal_bias = functools.cache(_causal_bias)  # eager calls reuse it; a c
 
 def _matmul_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> torch.Tensor:
     """softmax(QK^T / sqrt(d) + causal mask) V as batched matmuls over blocks of query positions, each against
-    only the keys up to its last position (at 512 positions, 3/4 of the work and memory of full scores; blocks of
-    256 measured faster than 128 or 512).
-    The query heads that share a K/V head are stacked position-major, so K and V are never repeated and a block of
-    positions is a contiguous slice; the scale goes on Q and the mask is added inside the first matmul."""
+    only the keys up to its last position (at 512 positions: 3/4 of the work and memory of full scores; blocks of
+    256 measured faster than 128 or 512). The query heads that share a K/V head are stacked position-major, so K
+    and V are never repeated and a block of positions is a contiguous slice; the scale goes on Q and the mask is
+    added inside the first matmul."""
     B, T, H, D = q_BTHD.shape
     K = k_BTKD.shape[2]
     G = H // K

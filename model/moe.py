@@ -125,7 +125,7 @@ class MoEFeedForward(nn.Module):
         token_of_slot = order // self.top_k
         counts_E = torch.bincount(flat_experts, minlength=self.gate_proj.shape[0])
 
-        x_SD = x_ND[token_of_slot]
+        x_SD = x_ND.index_select(0, token_of_slot)  # its backward (index_add_) is 2x faster than indexing's on a CPU
         grouped = use_grouped_mm(x_SD) if self.grouped_mm is None else self.grouped_mm
         align = row_alignment(x_SD, grouped)
         rows_E = counts_E
@@ -138,7 +138,7 @@ class MoEFeedForward(nn.Module):
         else:
             y_SD = experts_looped(x_SD, rows_E.tolist(), self.gate_proj, self.up_proj, self.down_proj)
         if align > 1:
-            y_SD = y_SD[dest_S]
+            y_SD = y_SD.index_select(0, dest_S)
         y_SD = y_SD * routing.weights_NK.reshape(-1)[order].unsqueeze(1).to(y_SD.dtype)
         out_ND = torch.zeros_like(x_ND).index_add_(0, token_of_slot, y_SD)
         return out_ND.view_as(x_BTD), router_stats(routing, counts_E)
