@@ -2,6 +2,7 @@
 
     python -m eval.bench --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
     python -m eval.bench --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
+    python -m eval.bench ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
 
 One step is what train.py runs per optimizer step: forward, backward, gradient clipping, AdamW, over
 global_batch_size / (micro_batch_size x world) micro-batches. tokens_per_s = tokens per step / median step time.
@@ -16,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from jsonargparse import ArgumentError
@@ -31,6 +33,7 @@ from training.setup import build_model, check_init_from, launch
 def add_bench_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (0: counts only)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
+    parser.add_argument("--profile", type=bool, default=False, help="after timing, profile 3 steps; table to stderr")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -47,6 +50,21 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
+
+
+PROFILED_STEPS = 3
+
+
+def profile_table(step: Callable[[], object]) -> str:
+    """torch.profiler over a few more steps: the operators by their own time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=30)
 
 
 def counts(cfg: TrainConfig) -> dict:
@@ -69,7 +87,7 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
     accum = cfg.grad_accumulation(fabric.world_size)
     generator = torch.Generator().manual_seed(cfg.seed)
-    shape = ((warmup + steps) * accum, cfg.micro_batch_size, cfg.seq_len + 1)
+    shape = ((warmup + steps + PROFILED_STEPS) * accum, cfg.micro_batch_size, cfg.seq_len + 1)
     batches = iter(torch.randint(0, cfg.model.vocab_size, shape, generator=generator))
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -84,6 +102,11 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
         losses.append(result.loss)
         if i >= warmup:
             times.append(elapsed)
+
+    if cfg.profile:  # every rank steps (the collectives need them all); rank 0 prints
+        table = profile_table(lambda: train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False))
+        if fabric.global_rank == 0:
+            print(table, file=sys.stderr)
 
     record = counts(cfg)
     step_s = statistics.median(times)

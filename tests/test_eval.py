@@ -55,9 +55,11 @@ def test_bench_counts_on_meta_and_times_steps():
     assert counts["params_total"] == counts["params_active"] == 1_100_048_384
     moe = tool("eval.bench", "--config=configs/tinyllama-1.1b-moe.yaml", "--steps=0")
     assert moe["params_total"] == 6_429_272_064 and moe["params_active"] == 1_861_675_008
-    timed = tool("eval.bench", "--model.n_layers=1", "--global_batch_size=8", "--steps=2", "--warmup=1",
-                 "--threads=1")  # fmt: skip
+    proc = run_module(["-m", "eval.bench", "--model.n_layers=1", "--global_batch_size=8", "--steps=2", "--warmup=1",
+                       "--threads=1", "--profile=true"])  # fmt: skip
+    timed = json.loads(proc.stdout)
     assert timed["tokens_per_s"] > 0 and 0 < timed["mfu"] < 1 and timed["peak_rss_mb"] > 0
+    assert "aten::mm" in proc.stderr and "Self CPU" in proc.stderr  # the profile's operator table
 
 
 def test_tool_errors_are_one_line(tmp_path):
