@@ -13,7 +13,9 @@ IGNORE_INDEX = -100
 # Logits per chunk: on a CPU 4M (512 rows of an 8192 vocabulary) measured 8% faster than 2M and no faster than 16M;
 # a GPU wants fewer, larger matmuls.
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
-MIN_CHUNK_ROWS = 256
+# Each chunk's head-weight gradient re-reads and re-writes the whole [vocab, dim] gradient, so a chunk needs enough
+# rows to amortise that: at a 32k vocabulary on a CPU, 1024 rows measured 5% faster than 256 for the whole loss.
+MIN_CHUNK_ROWS = 1024
 TINY_PROB = 1e-30  # below this a target's probability loses precision: its loss is taken from the logits
 
 
@@ -51,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(w_VD.shape[0], h_ND.device)
         # The chunks' head-weight gradients add up in place in the weight's dtype (the matmul accumulates in fp32
         # within a chunk): an fp32 accumulator measured 1.8x slower on a CPU (a conversion and an add per chunk).
-        grad_w_VD = torch.zeros_like(w_VD)
+        grad_w_VD = torch.empty_like(w_VD)
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         for start in range(0, h_ND.shape[0], rows):
             h_CD, t_C = h_ND[start : start + rows], targets_N[start : start + rows]
@@ -64,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_CV = probs_CV.index_put_(at_target, probs_CV[at_target] - 1)
             scale_C1 = (valid_C / n_valid).unsqueeze(1).to(h_ND.dtype)
             torch.mm(grad_CV, w_VD, out=grad_h_ND[start : start + rows]).mul_(scale_C1)
-            grad_w_VD.addmm_(grad_CV.t(), h_CD * scale_C1)
+            grad_w_VD.addmm_(grad_CV.t(), h_CD * scale_C1, beta=float(start > 0))  # beta 0: ignore the empty
         ctx.save_for_backward(grad_h_ND, grad_w_VD)
         return total / n_valid
 
