@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.loss import linear_cross_entropy
 from model.moe import MoEFeedForward, RouterStats, swiglu
 
+
 class _RMSNormCPU(torch.autograd.Function):
     """RMSNorm with a hand-written backward. On a CPU, F.rms_norm's backward runs as a dozen elementwise ops and
     measured 2.4x slower than this (bf16 [2048, 512]: 5.0 vs 2.6 ms forward + backward).
