@@ -29,16 +29,16 @@ def _chunk_probs_and_nll(
     """softmax(h @ w.T) [C, V] in the logits' dtype (the kernel accumulates in fp32; bf16 probabilities are as
     precise as the bf16 logits they come from, and converting to fp32 and back cost two more passes), the summed
     fp32 negative log-likelihood of the valid targets, and the validity mask. One softmax pass gives both the loss
-    (-log p of the target) and the gradient (p - onehot)."""
+    (-log p of the target) and the gradient (p - onehot); it runs in place, so a chunk holds one [C, V] tensor."""
     logits_CV = h_CD @ w_VD.t()
-    probs_CV = torch.softmax(logits_CV, dim=-1)
+    probs_CV = torch.softmax(logits_CV, dim=-1, out=logits_CV)
     valid_C = t_C != IGNORE_INDEX
     target_C = t_C.clamp(min=0).unsqueeze(1)
     p_target_C = probs_CV.gather(1, target_C).squeeze(1).float()
     nll_C = -p_target_C.log()
     tiny_C = (p_target_C < TINY_PROB) & valid_C
     if tiny_C.any():  # rare: a very confident wrong prediction; log-sum-exp keeps its loss exact
-        rows = logits_CV[tiny_C].float()
+        rows = (h_CD[tiny_C] @ w_VD.t()).float()  # the logits again: softmax overwrote them
         nll_C[tiny_C] = torch.logsumexp(rows, dim=-1) - rows.gather(1, target_C[tiny_C]).squeeze(1)
     return probs_CV, (nll_C * valid_C).sum(), valid_C
 
