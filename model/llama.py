@@ -18,7 +18,7 @@ from model.moe import MoEFeedForward, RouterStats, swiglu
 
 class _RMSNormCPU(torch.autograd.Function):
     """RMSNorm with a hand-written backward. On a CPU, F.rms_norm's backward runs as a dozen elementwise ops and
-    measured 2.4x slower than this (bf16 [2048, 512]: 5.0 vs 2.6 ms forward + backward).
+    measured 2x slower than this (bf16 [2048, 512]: 5.0 vs 2.5 ms forward + backward).
 
     Forward as transformers' LlamaRMSNorm: x times its fp32 row scale, rounded to x's dtype, times the gain. The
     backward's row factors are rounded to x's dtype first, as mixed-dtype elementwise ops run 3x slower on a CPU:
