@@ -137,14 +137,14 @@ class _Combine(torch.autograd.Function):
         out_ND = y_NKD[:, 0] * w_NK[:, :1]
         for k in range(1, w_NK.shape[1]):
             out_ND.addcmul_(y_NKD[:, k], w_NK[:, k : k + 1])
-        weight_of_row_R = w_NK.new_zeros(len(y_RD)).index_put_((rows_NK.flatten(),), w_NK.flatten())
-        ctx.save_for_backward(y_NKD, token_of_row_R[: len(y_RD)], weight_of_row_R)
+        ctx.save_for_backward(y_NKD, w_NK, rows_NK, token_of_row_R[: len(y_RD)])
         ctx.weights_dtype = weights_NK.dtype
         return out_ND
 
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor):
-        y_NKD, token_of_row_R, weight_of_row_R = ctx.saved_tensors
+        y_NKD, w_NK, rows_NK, token_of_row_R = ctx.saved_tensors
+        weight_of_row_R = w_NK.new_zeros(len(token_of_row_R)).index_put_((rows_NK.flatten(),), w_NK.flatten())
         grad_RD = grad_ND.index_select(0, token_of_row_R).mul_(weight_of_row_R.unsqueeze(1))
         grad_NK = torch.linalg.vecdot(y_NKD, grad_ND.unsqueeze(1)).to(ctx.weights_dtype)
         return grad_RD, grad_NK, None, None
