@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -52,19 +53,59 @@ def swiglu(x: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF:
     return F.linear(F.silu(F.linear(x, gate_FD)) * F.linear(x, up_FD), down_DF)
 
 
-def experts_looped(
-    x_SD: torch.Tensor, counts: list[int], gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
-) -> torch.Tensor:
-    """Each non-empty expert on its contiguous slice of the expert-sorted tokens.
+class _LoopedExperts(torch.autograd.Function):
+    """Each non-empty expert's SwiGLU on its contiguous slice of the expert-sorted rows, by matmuls that write into
+    one buffer per stage, so the activation runs once over all rows and backward writes each expert's weight
+    gradient straight into the stacked gradient. Autograd through per-expert slices would concatenate the outputs,
+    the input gradients and the stacked weight gradients again: together with the per-slice activations that
+    measured 10% slower per layer on a CPU."""
 
-    `unbind` views the stacked weights once, so backward stacks the expert gradients in one allocation instead of
-    filling a full-size zero gradient per indexed expert; `split` does the same for the tokens.
-    """
-    gates, ups, downs = gate_EFD.unbind(0), up_EFD.unbind(0), down_EDF.unbind(0)
-    # The last piece holds the padding rows after the last expert's slice.
-    pieces = x_SD.split([*counts, len(x_SD) - sum(counts)])
-    outs = [swiglu(x, gates[e], ups[e], downs[e]) for e, x in enumerate(pieces[:-1]) if len(x)]
-    return torch.cat(outs)
+    @staticmethod
+    def forward(
+        ctx, x_RD: torch.Tensor, counts: list[int], gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
+    ) -> torch.Tensor:
+        ends = list(itertools.accumulate(counts))
+        spans = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n]
+        gate_SF = x_RD.new_empty(ends[-1], gate_EFD.shape[1])
+        up_SF = torch.empty_like(gate_SF)
+        for e, a, b in spans:
+            torch.mm(x_RD[a:b], gate_EFD[e].t(), out=gate_SF[a:b])
+            torch.mm(x_RD[a:b], up_EFD[e].t(), out=up_SF[a:b])
+        act_SF = F.silu(gate_SF)
+        h_SF = act_SF * up_SF
+        y_SD = x_RD.new_empty(ends[-1], x_RD.shape[1])
+        for e, a, b in spans:
+            torch.mm(h_SF[a:b], down_EDF[e].t(), out=y_SD[a:b])
+        ctx.spans = spans
+        ctx.save_for_backward(x_RD, gate_EFD, up_EFD, down_EDF, gate_SF, up_SF, act_SF, h_SF)
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD: torch.Tensor):
+        x_RD, gate_EFD, up_EFD, down_EDF, gate_SF, up_SF, act_SF, h_SF = ctx.saved_tensors
+        # Every expert's weight gradient is written below, unless an expert got no rows: then they start at zero.
+        new_grad = torch.empty_like if len(ctx.spans) == len(gate_EFD) else torch.zeros_like
+        d_gate, d_up, d_down = new_grad(gate_EFD), new_grad(up_EFD), new_grad(down_EDF)
+        dh_SF = torch.empty_like(gate_SF)
+        for e, a, b in ctx.spans:
+            torch.mm(dy_SD[a:b], down_EDF[e], out=dh_SF[a:b])
+            torch.mm(dy_SD[a:b].t(), h_SF[a:b], out=d_down[e])
+        d_up_SF = dh_SF * act_SF
+        d_gate_SF = torch.ops.aten.silu_backward(dh_SF.mul_(up_SF), gate_SF)
+        dx_RD = torch.empty_like(x_RD)
+        dx_RD[len(gate_SF) :].zero_()  # rows past the last expert's slice feed no expert
+        for e, a, b in ctx.spans:
+            torch.mm(d_gate_SF[a:b].t(), x_RD[a:b], out=d_gate[e])
+            torch.mm(d_up_SF[a:b].t(), x_RD[a:b], out=d_up[e])
+            torch.mm(d_gate_SF[a:b], gate_EFD[e], out=dx_RD[a:b]).addmm_(d_up_SF[a:b], up_EFD[e])
+        return dx_RD, None, d_gate, d_up, d_down
+
+
+def experts_looped(
+    x_RD: torch.Tensor, counts: list[int], gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    """The experts on the first sum(counts) expert-sorted rows, expert e on the next counts[e] of them."""
+    return _LoopedExperts.apply(x_RD, counts, gate_EFD, up_EFD, down_EDF)
 
 
 def experts_grouped(

@@ -33,7 +33,10 @@ def test_grouped_experts_match_looped_including_an_expert_without_tokens(dtype):
         lambda *t: experts_grouped(t[0], torch.tensor(counts), *t[1:]), [x, gate, up, down], dout
     )
     for a, b in zip(looped, grouped):
-        torch.testing.assert_close(a, b)
+        # In bf16 the paths round the input gradient's two matmul terms in a different order: one bf16 step of
+        # the largest value apart at most.
+        atol = float(b.abs().max()) * 2**-7 if dtype == torch.bfloat16 else None
+        torch.testing.assert_close(a, b, atol=atol, rtol=None if atol is None else 1.6e-2)
     assert all(float(grad[1].abs().max()) == 0 for grad in grouped[2:])  # expert 1 saw no token
 
 
