@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from model.checkpoint import CheckpointError
 from model.config import ModelConfig
 from model.llama import Transformer
 
@@ -187,6 +188,14 @@ def check_config(cfg: ModelConfig, path: str | Path) -> None:
         raise ValueError(f"init_from {path}: {'; '.join(mismatches)} in {path / CONFIG_FILE}")
 
 
+def open_safetensors(file: Path) -> safe_open:
+    """A safetensors file opened for reading (its header checked against its size); else an error naming it."""
+    try:
+        return safe_open(file, "pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def weight_files(path: Path) -> dict[str, Path]:
     """{HF tensor name: the safetensors file holding it}, from the shard index or the single file."""
     index = path / WEIGHTS_INDEX
@@ -198,7 +207,7 @@ def weight_files(path: Path) -> dict[str, Path]:
         return {name: path / file for name, file in weight_map.items()}
     single = path / WEIGHTS_FILE
     if single.is_file():
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise ValueError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX} (only safetensors weights are read)")
 
@@ -215,7 +224,7 @@ def load_hf_weights(model: Transformer, path: str | Path) -> None:
         raise ValueError(f"{path}: {len(missing)} weight(s) missing from its safetensors files, e.g. {missing[0]}")
     weights = model.state_dict()
     with ExitStack() as stack:
-        readers = {file: stack.enter_context(safe_open(file, "pt")) for file in set(files.values())}
+        readers = {file: stack.enter_context(open_safetensors(file)) for file in set(files.values())}
         for s in slots:
             tensor = readers[files[s.hf]].get_tensor(s.hf)
             target = weights[s.ours] if s.expert is None else weights[s.ours][s.expert]

@@ -1,8 +1,11 @@
 """Sharded, crash-safe training checkpoints with torch.distributed.checkpoint (format: model/checkpoint.py).
 
-Every rank writes its own shards into a temporary directory; rank 0 then writes the JSON state and the COMPLETE
-marker and renames the directory to `step-NNNNNNNN`. A run killed at any moment leaves at worst a temporary
-directory, which `resume: auto` never picks and the next save clears away.
+Every rank writes its own shards into a temporary directory; rank 0 then writes the JSON state, the checksums of
+every file and the COMPLETE marker, and renames the directory to `step-NNNNNNNN`. A run killed at any moment leaves
+at worst a temporary directory, which `resume: auto` never picks and the next save clears away (a directory at the
+final name without COMPLETE is removed before the rename). A save that runs out of disk space is one error naming
+the checkpoint; its temporary directory is removed and older checkpoints are left as they were. Loading verifies
+the checksums before anything is read (model/checkpoint.py dcp_load).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from model.checkpoint import (
     checkpoint_name,
     complete_checkpoints,
     dcp_load,
+    disk_full_as_error,
     finish,
     model_config,
     read_state,
@@ -62,12 +66,13 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         shards = training_state(model, optimizer)
-        if self.async_save:
-            future = dcp.async_save(shards, checkpoint_id=tmp, process_group=self.group)
-            self.pending = (future, tmp, final, state)
-        else:
-            dcp.save(shards, checkpoint_id=tmp)
-            self._finish(tmp, final, state)
+        with disk_full_as_error(tmp, final):
+            if self.async_save:
+                future = dcp.async_save(shards, checkpoint_id=tmp, process_group=self.group)
+                self.pending = (future, tmp, final, state)
+            else:
+                dcp.save(shards, checkpoint_id=tmp)
+                self._finish(tmp, final, state)
 
     def poll(self) -> None:
         """Finish a background save if its shards are all written (called every step; never blocks)."""
@@ -79,8 +84,9 @@ class Checkpointer:
         if self.pending is not None:
             future, tmp, final, state = self.pending
             self.pending = None
-            future.result()
-            self._finish(tmp, final, state)
+            with disk_full_as_error(tmp, final):
+                future.result()
+                self._finish(tmp, final, state)
 
     def _finish(self, tmp: Path, final: Path, state: dict) -> None:
         # DCP's save returns on the coordinator (rank 0) only after every rank's shards are written.

@@ -15,7 +15,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
 
 from model.attention import resolve_backend
-from model.checkpoint import TOKENIZER, check_same_shape, dcp_load, model_config, read_state
+from model.checkpoint import check_same_shape, dcp_load, model_config, read_state, tokenizer_path
 from model.llama import Transformer
 from training.config import TrainConfig, torchrun_world
 from training.parallelize import parallelize
@@ -125,8 +125,7 @@ def init_from_tokenizer(cfg: TrainConfig) -> Path | None:
     """The tokenizer.model of the `init_from` model (Hugging Face directory or checkpoint), if it has one."""
     if not cfg.init_from:
         return None
-    tokenizer = Path(cfg.init_from) / TOKENIZER  # where both keep it
-    return tokenizer if tokenizer.is_file() else None
+    return tokenizer_path(cfg.init_from)  # where both keep it; a checkpoint's is checked against its checksum
 
 
 def load_initial_weights(model: Transformer, path: Path) -> None:
