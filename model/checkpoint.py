@@ -129,7 +129,7 @@ def verify_checkpoint(path: Path) -> Metadata:
     if checksums is None:
         print(f"warning: {path}: no {CHECKSUMS} (written before checksums were recorded): unverified", file=sys.stderr)
     else:
-        for name in checksums:
+        for name in sorted({METADATA, *checksums}):
             verify_file(path, name, checksums)
     metadata = read_metadata(path / METADATA)
     shards = {info.relative_path for info in metadata.storage_data.values()}
