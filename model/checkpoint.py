@@ -96,25 +96,26 @@ def read_checksums(path: Path) -> dict[str, dict] | None:
         return None
     try:
         files = json.loads(manifest.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        if not all(Path(name).name == name and isinstance(c, dict) for name, c in files.items()):
+            raise TypeError("'files' is not a mapping of file names in the checkpoint to checksums")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest}: damaged checksum manifest ({e})") from None
     return files
 
 
 def verify_file(path: Path, name: str, checksums: dict[str, dict]) -> None:
     """`path/name` exists and matches its recorded checksum."""
-    file = path / name
     if name not in checksums:
-        raise CheckpointError(f"{file}: not covered by {CHECKSUMS}")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS})")
-    expected, found = checksums[name], file_checksum(file)
+        raise CheckpointError(f"{path}: damaged checkpoint, {name} is not covered by {CHECKSUMS}")
+    if not (path / name).is_file():
+        raise CheckpointError(f"{path}: damaged checkpoint, {name} is missing (listed in {CHECKSUMS})")
+    expected, found = checksums[name], file_checksum(path / name)
     if found["bytes"] != expected.get("bytes"):
-        raise CheckpointError(f"{file}: damaged, {found['bytes']} bytes where {expected.get('bytes')} were written")
+        raise CheckpointError(
+            f"{path}: damaged checkpoint, {name} has {found['bytes']} bytes where {expected.get('bytes')} were written"
+        )
     if found["crc32"] != expected.get("crc32"):
-        raise CheckpointError(f"{file}: damaged, its checksum does not match {CHECKSUMS}")
+        raise CheckpointError(f"{path}: damaged checkpoint, {name} does not match its checksum in {CHECKSUMS}")
 
 
 def verify_if_recorded(path: Path, name: str) -> None:
@@ -123,8 +124,8 @@ def verify_if_recorded(path: Path, name: str) -> None:
         verify_file(path, name, checksums)
 
 
-def verify_checkpoint(path: Path) -> Metadata:
-    """Every file of the checkpoint against its checksum, then its DCP metadata, read safely; the metadata."""
+def verify_checkpoint(path: Path) -> None:
+    """Every file of the checkpoint against its checksum, then its DCP metadata (read safely) against the files."""
     checksums = read_checksums(path)
     if checksums is None:
         print(f"warning: {path}: no {CHECKSUMS} (written before checksums were recorded): unverified", file=sys.stderr)
@@ -135,8 +136,7 @@ def verify_checkpoint(path: Path) -> Metadata:
     shards = {info.relative_path for info in metadata.storage_data.values()}
     unlisted = sorted(shards - set(checksums or shards))
     if unlisted:  # a shard added after the checksums were written
-        raise CheckpointError(f"{path / unlisted[0]}: not covered by {CHECKSUMS}")
-    return metadata
+        raise CheckpointError(f"{path}: damaged checkpoint, {unlisted[0]} is not covered by {CHECKSUMS}")
 
 
 # DCP's metadata: a pickle, read with only the classes a real one holds (see tests/test_checkpoint_trust.py).
