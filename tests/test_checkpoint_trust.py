@@ -295,15 +295,18 @@ def fill_disk_after(monkeypatch, room: int) -> None:
     monkeypatch.setattr(FileSystem, "create_stream", create_stream)
 
 
-def test_save_on_a_full_disk_is_one_error_and_leaves_older_checkpoints(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_save_on_a_full_disk_is_one_error_and_leaves_older_checkpoints(tmp_path, monkeypatch, async_save):
     model = Transformer(tiny_config())
     optimizer = torch.optim.AdamW(model.parameters())
-    checkpointer = Checkpointer(tmp_path, keep_last=1, async_save=False, rank=0, tokenizer=None)
+    checkpointer = Checkpointer(tmp_path, keep_last=1, async_save=async_save, rank=0, tokenizer=None)
     checkpointer.save(2, model, optimizer, train_state(2))
+    checkpointer.wait()
     fill_disk_after(monkeypatch, room=100_000)
     final = step_dir(tmp_path, 4)
     with pytest.raises(CheckpointError) as e:
         checkpointer.save(4, model, optimizer, train_state(4))
+        checkpointer.wait()  # where a background save's error surfaces
     assert str(e.value) == (
         f"{final}: not saved, no space left on device (its partial directory was removed; "
         "older checkpoints were not touched)"
