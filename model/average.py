@@ -136,7 +136,6 @@ def average_checkpoints(
         "sources": [str(p) for p in paths],
         "weights": weights,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(output) as staged:  # a failed write (a full disk) leaves an older average at `output` intact
         save_weights(staged, mean.state_dict(), state, tokenizer)
     return state

@@ -81,14 +81,16 @@ def test_resume_with_data_of_another_tokenizer_is_refused(run_dir, tmp_path):
     assert checkpoints(out) == ["step-00000002"]
 
 
-def test_bad_out_dirs_are_one_line_errors(dataset, run_dir, tmp_path):
+def test_an_out_dir_that_is_a_file_is_a_one_line_error(dataset, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("keep me\n")
     expect_error([f"--data={dataset}", f"--out_dir={a_file}"], str(a_file), "not a directory")
     expect_error([f"--data={dataset}", f"--out_dir={a_file / 'run'}"], str(a_file / "run"), "cannot write")
     assert a_file.read_text() == "keep me\n"
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_out_dir_is_a_one_line_error(dataset, run_dir, tmp_path):
     for out in (tmp_path / "new", resume_from(run_dir, 2, tmp_path / "resumed")):
         out.mkdir(exist_ok=True)
         out.chmod(0o555)
