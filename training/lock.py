@@ -29,7 +29,13 @@ def _holder() -> dict:
 
 
 def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unknown holder (the lock file is empty or unreadable)"
     return f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})"
+
+
+def _in_use(out_dir: Path, holder: dict, path: Path) -> TrainingError:
+    return TrainingError(f"{out_dir} is in use by another run: {_describe(holder)}; if that job is dead, remove {path}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,14 +83,12 @@ def acquire(out_dir: Path) -> Path:
             return path
         holder = _read_holder(path)
         if not _is_stale(holder):
-            raise TrainingError(
-                f"{out_dir} is in use by another run: {_describe(holder)}; if that job is dead, remove {path}"
-            )
+            raise _in_use(out_dir, holder, path)
         print(f"taking over the stale lock {path} of {_describe(holder)}, which is no longer running", file=sys.stderr)
         path.unlink(missing_ok=True)
         if _create(path):
             return path
-        raise TrainingError(f"{out_dir} is in use by another run: {_describe(_read_holder(path))}")
+        raise _in_use(out_dir, _read_holder(path), path)  # another run took it over first
     except OSError as e:
         raise TrainingError(f"{out_dir}: cannot write the run directory ({e.strerror})") from None
 
