@@ -29,6 +29,7 @@ from data.shards import (
     ShardWriter,
     read_header,
     read_json,
+    replaced_atomically,
     token_dtype,
     write_json_atomic,
 )
@@ -87,7 +88,8 @@ def resolve_tokenizer(output: Path, files: list[Path], tokenizer: Path | None, v
         if dest.exists() and file_sha256(dest) != given.sha256:
             raise DataError(f"{output}: already prepared with another tokenizer; use a new --output")
         if not dest.exists():
-            shutil.copyfile(tokenizer, dest)
+            with replaced_atomically(dest) as tmp:
+                shutil.copyfile(tokenizer, tmp)
         return Tokenizer(dest)
     if dest.exists():
         tok = Tokenizer(dest)

@@ -130,16 +130,31 @@ class ShardWriter:
             yield
         except OSError as e:
             self.discard()
-            raise DataError(
-                f"{self.path}: {(e.strerror or str(e)).lower()}; removed the partial {self.tmp.name}, "
-                "nothing older was touched"
-            ) from None
+            raise write_error(self.path, e, self.tmp) from None
+
+
+def write_error(path: Path, e: OSError, removed: Path) -> DataError:
+    return DataError(
+        f"{path}: {(e.strerror or str(e)).lower()}; removed the partial {removed.name}, nothing older was touched"
+    )
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary name to write `path` under, renamed to `path` when the block completes. On a failure (a full disk)
+    the temporary file is removed, an older `path` is left as it was, and a DataError names the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e, tmp) from None
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:

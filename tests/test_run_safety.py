@@ -192,6 +192,25 @@ def test_prepare_on_a_full_disk_removes_the_partial_shard(dataset, monkeypatch, 
     assert set(finished) <= {p.name for p in (tmp_path / "out").glob("*.bin")}
 
 
+def test_a_full_disk_keeps_an_older_manifest(monkeypatch, tmp_path):
+    from data.shards import DataError, write_json_atomic
+
+    manifest = tmp_path / "manifest.json"
+    write_json_atomic(manifest, {"version": 1})
+
+    def full_disk(path: Path, text: str, *args, **kwargs) -> None:
+        with open(path, "w") as f:
+            f.write(text[:3])
+        raise ENOSPC
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(DataError, match="manifest.json: no space left on device; removed the partial manifest.json"):
+        write_json_atomic(manifest, {"version": 2})
+    monkeypatch.undo()
+    assert json.loads(manifest.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [manifest.name]
+
+
 def test_export_on_a_full_disk_keeps_the_older_export(run_dir, monkeypatch, capsys, tmp_path):
     import model.export
 
