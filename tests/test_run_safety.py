@@ -260,14 +260,15 @@ def test_export_rejects_a_bad_max_shard_size(run_dir, tmp_path):
         assert proc.returncode != 0 and "argument --max-shard-size" in last_error_line(proc.stderr)
 
 
-def test_generate_rejects_bad_sampling_values(run_dir):
+def test_generate_rejects_bad_sampling_values(run_dir, capsys):
     from eval.generate import main
 
     checkpoint = str(run_dir / "checkpoints" / "step-00000002")
     for flag in ("--top-k=-5", "--temperature=-1", "--max-new-tokens=-3", "--top-p=0"):
         with pytest.raises(SystemExit) as exit_:
             main(["--checkpoint", checkpoint, "--prompt=def ", flag])
-        assert exit_.value.code == 2  # argparse's one-line "argument --flag: must be ..." error
+        assert exit_.value.code == 2  # argparse's usage line, then its one error line
+        assert f"error: argument {flag.split('=')[0]}: must be " in last_error_line(capsys.readouterr().err)
 
 
 def test_perplexity_of_an_empty_text_file_is_an_error(run_dir, capsys, tmp_path):
