@@ -21,14 +21,15 @@ from data.corpus import default_corpus
 from data.shards import DataError, read_manifest
 from data.stream import DataState, open_streams, train_loader
 from data.tokenizer import Tokenizer, file_sha256
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, tokenizer_path
 from model.config import flops_per_token
 from model.sampling import generate, model_step
 from training.checkpoint import Checkpointer, load_training_state, resume_path
 from training.config import TrainConfig, parse_config
+from training.lock import out_dir_lock
 from training.loop import (
     Progress,
-    StopOnSigterm,
+    StopOnSignal,
     evaluate,
     lr_at,
     make_optimizer,
@@ -56,15 +57,25 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         print(f"error: {str(e).strip()}".replace("\n", " "), file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("error: interrupted; the checkpoints already saved are intact", file=sys.stderr)
+        sys.exit(130)
 
 
 def train(cfg: TrainConfig) -> None:
     check_init_from(cfg)
     fabric = launch(cfg)
     out_dir = cfg.resolved_out_dir()
+    with out_dir_lock(out_dir, fabric):  # before anything is written into out_dir
+        run(cfg, fabric, out_dir)
+
+
+def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
     datasets = resolve_datasets(cfg, fabric)
     tokenizer = datasets_tokenizer(datasets)
     start_from = resume_path(cfg.resume, out_dir)
+    if start_from is not None and tokenizer_path(start_from) is not None:
+        check_same_tokenizer(datasets, tokenizer_path(start_from), "the checkpoint resumed")
     check_attention(cfg, fabric.device)
 
     model = fabric.setup_module(build_model(cfg))
@@ -86,7 +97,7 @@ def train(cfg: TrainConfig) -> None:
     rank0 = fabric.global_rank == 0
     logger = MetricsLogger(out_dir, rank0, progress.step)
     checkpointer = Checkpointer(out_dir, cfg.keep_last, cfg.async_save, fabric.global_rank, tokenizer)
-    sigterm = StopOnSigterm()
+    stop = StopOnSignal()
     fabric.print(
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {fabric.world_size} process(es), "
         f"{accum} micro-batch(es) of {cfg.micro_batch_size} x {cfg.seq_len} per rank and step"
@@ -103,7 +114,7 @@ def train(cfg: TrainConfig) -> None:
         while progress.step < cfg.max_steps:
             lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps))
             started = time.perf_counter()
-            result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, sigterm.requested)
+            result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, stop.requested)
             meter.add(time.perf_counter() - started)
             progress.advance(tokens_per_step, quotas)
             if not result.finite:
@@ -124,15 +135,15 @@ def train(cfg: TrainConfig) -> None:
             if result.stop_requested or finished or (cfg.save_every and progress.step % cfg.save_every == 0):
                 save()
             if result.stop_requested:
-                fabric.print(f"SIGTERM: saved a checkpoint at step {progress.step}; exiting")
+                fabric.print(f"{stop.received or 'stop signal'}: saved a checkpoint at step {progress.step}; exiting")
                 break
     finally:
         bar.close()
         checkpointer.wait()
         logger.close()
-        sigterm.restore()
+        stop.restore()
 
-    if cfg.sample_prompt and tokenizer is not None and not sigterm.requested:
+    if cfg.sample_prompt and tokenizer is not None and not stop.requested:
         fabric.print(f"sample: {sample(model, tokenizer, cfg, fabric)!r}")
 
 
@@ -148,15 +159,16 @@ def resolve_datasets(cfg: TrainConfig, fabric: Fabric) -> dict[str, float]:
         fabric.barrier()
         datasets = {str(default_corpus(cfg.model.vocab_size, start_tokenizer, progress=False)): 1.0}
     if start_tokenizer is not None:
-        check_same_tokenizer(datasets, start_tokenizer)
+        check_same_tokenizer(datasets, start_tokenizer, "init_from")
     return datasets
 
 
-def check_same_tokenizer(datasets: dict[str, float], tokenizer: Path) -> None:
+def check_same_tokenizer(datasets: dict[str, float], tokenizer: Path, owner: str) -> None:
+    """Every dataset was prepared with `tokenizer`, the one of `owner` (the model training starts from)."""
     expected = file_sha256(tokenizer)
     for path in datasets:
         if read_manifest(Path(path))["tokenizer"]["sha256"] != expected:
-            raise DataError(f"{path}: prepared with another tokenizer than {tokenizer} of init_from")
+            raise DataError(f"{path}: prepared with another tokenizer than {tokenizer} of {owner}")
 
 
 def rank_loader(cfg: TrainConfig, datasets: dict[str, float], state: DataState, fabric: Fabric) -> DataLoader:

@@ -29,6 +29,7 @@ from data.shards import (
     ShardWriter,
     read_header,
     read_json,
+    replaced_atomically,
     token_dtype,
     write_json_atomic,
 )
@@ -87,7 +88,8 @@ def resolve_tokenizer(output: Path, files: list[Path], tokenizer: Path | None, v
         if dest.exists() and file_sha256(dest) != given.sha256:
             raise DataError(f"{output}: already prepared with another tokenizer; use a new --output")
         if not dest.exists():
-            shutil.copyfile(tokenizer, dest)
+            with replaced_atomically(dest) as tmp:
+                shutil.copyfile(tokenizer, tmp)
         return Tokenizer(dest)
     if dest.exists():
         tok = Tokenizer(dest)
@@ -129,16 +131,21 @@ def _encode_group(args: tuple[Group, str, str, float]) -> tuple[int, int]:
                 writers[split].write(np.concatenate(docs))
                 texts.clear()
 
-    for path in group.files:
-        for doc in read_documents(Path(path)):
-            pending["val" if is_validation(doc.encode("utf-8", "replace"), val_fraction) else "train"].append(doc)
-            pending_chars += len(doc)
-            if pending_chars >= ENCODE_BATCH_CHARS:
-                flush()
-                pending_chars = 0
-    flush()
-    for w in writers.values():
-        w.close()
+    try:
+        for path in group.files:
+            for doc in read_documents(Path(path)):
+                pending["val" if is_validation(doc.encode("utf-8", "replace"), val_fraction) else "train"].append(doc)
+                pending_chars += len(doc)
+                if pending_chars >= ENCODE_BATCH_CHARS:
+                    flush()
+                    pending_chars = 0
+        flush()
+        for w in writers.values():
+            w.close()
+    except BaseException:  # no temporary shard outlives a failed group (a full disk, a damaged input, Ctrl-C)
+        for w in writers.values():
+            w.discard()
+        raise
     return group.index, group.nbytes
 
 
@@ -229,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (DataError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. an --output that cannot be written
+        sys.exit(f"error: {e.filename or args.output}: {e.strerror or e}")
     print(f"{args.output}: {manifest['tokens']['train']:,} train and {manifest['tokens']['val']:,} val tokens")
 
 

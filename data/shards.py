@@ -15,9 +15,11 @@ Documents are concatenated with EOS after each; there is no padding inside the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,34 +90,71 @@ def open_tokens(path: Path) -> np.ndarray:
 
 
 class ShardWriter:
-    """Append token arrays to `<path>.tmp`; `close()` writes the header and renames the file into place."""
+    """Append token arrays to `<path>.tmp`; `close()` writes the header and renames the file into place.
+
+    A failed write (a full disk) removes the temporary file and raises a DataError naming the shard."""
 
     def __init__(self, path: Path, vocab_size: int, tokenizer_sha256: str) -> None:
         self.path, self.vocab_size, self.sha = path, vocab_size, tokenizer_sha256
         self.dtype = token_dtype(vocab_size)
         self.tmp = path.with_name(path.name + ".tmp")
         self.f = open(self.tmp, "wb")
-        self.f.write(b"\0" * HEADER.size)
         self.n_tokens = 0
+        with self._discarded_on_error():
+            self.f.write(b"\0" * HEADER.size)
 
     def write(self, ids: np.ndarray) -> None:
-        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
+        with self._discarded_on_error():
+            self.f.write(ids.astype(self.dtype, copy=False).tobytes())
         self.n_tokens += len(ids)
 
     def close(self) -> int:
-        self.f.seek(0)
-        self.f.write(pack_header(self.n_tokens, self.vocab_size, self.sha))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        with self._discarded_on_error():
+            self.f.seek(0)
+            self.f.write(pack_header(self.n_tokens, self.vocab_size, self.sha))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
         return self.n_tokens
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (the finished shards and any older `path` are left as they are)."""
+        with contextlib.suppress(OSError):  # closing flushes the buffer, which fails again on a full disk
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _discarded_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            self.discard()
+            raise write_error(self.path, e, self.tmp) from None
+
+
+def write_error(path: Path, e: OSError, removed: Path) -> DataError:
+    return DataError(
+        f"{path}: {(e.strerror or str(e)).lower()}; removed the partial {removed.name}, nothing older was touched"
+    )
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary name to write `path` under, renamed to `path` when the block completes. On a failure (a full disk)
+    the temporary file is removed, an older `path` is left as it was, and a DataError names the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e, tmp) from None
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:

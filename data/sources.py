@@ -9,6 +9,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from data.shards import DataError
+
 TEXT_SUFFIXES = (".txt", ".md", ".py")  # one document per file
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")  # one document per line, field "text"
 PARQUET_SUFFIXES = (".parquet",)  # one document per row, column "text"
@@ -56,7 +58,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             try:
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
             if text:
                 yield text
 
@@ -66,13 +68,22 @@ def _parquet_documents(path: Path) -> Iterator[str]:
 
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: parquet file has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        raise DataError(f"{path}: parquet file has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
         yield from (t for t in batch.column(0).to_pylist() if t)
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one input file."""
+    """The documents of one input file; a damaged file (truncated gzip, bad parquet, ...) is a DataError naming it."""
+    try:
+        yield from _documents(path)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError) as e:  # pyarrow's errors derive from these
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _documents(path: Path) -> Iterator[str]:
     if path.name.endswith(JSONL_SUFFIXES):
         yield from _jsonl_documents(path)
     elif path.name.endswith(PARQUET_SUFFIXES):

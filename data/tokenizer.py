@@ -70,13 +70,32 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, output: Path, max
     """Train a BPE model like Llama's (byte fallback, unk=0 bos=1 eos=2, digits split, whitespace kept as is)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     prefix = output.parent / f".{output.stem}.tmp"  # renamed into place only once training has finished
+    reading_errors: list[Exception] = []
     try:
-        _train_bpe(documents, vocab_size, prefix, max_lines)
-    except RuntimeError as e:  # e.g. a vocabulary smaller than the characters the text needs
-        raise ValueError(f"cannot train a tokenizer of {vocab_size} pieces: {str(e).split('] ')[-1]}") from None
+        _train_bpe(_recording_errors(_lines(documents, max_lines), reading_errors), vocab_size, prefix, max_lines)
+    except RuntimeError as e:
+        if reading_errors:  # sentencepiece wraps an input file's error in its own message: give the original
+            raise reading_errors[0] from None
+        raise ValueError(f"cannot train a tokenizer of {vocab_size} pieces: {_trainer_reason(e)}") from None
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
     Path(f"{prefix}.model").replace(output)
     return Tokenizer(output)
+
+
+def _recording_errors(lines: Iterator[str], errors: list[Exception]) -> Iterator[str]:
+    try:
+        yield from lines
+    except Exception as e:
+        errors.append(e)
+        raise
+
+
+def _trainer_reason(e: RuntimeError) -> str:
+    """sentencepiece's message without its source location, e.g. "Vocabulary size too high (512). ..."."""
+    message = str(e).strip()
+    if "sentences_.empty()" in message:
+        return "the input holds no text"
+    return message.split("] ")[-1].strip() or message
 
 
 def _train_bpe(documents: Iterable[str], vocab_size: int, prefix: Path, max_lines: int) -> None:

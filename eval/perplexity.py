@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: text file not found")
             ids = scorer.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), bos=True)
+            if len(ids) < 2:  # BOS alone predicts nothing
+                raise DataError(f"no tokens to score in {path}")
             batches = text_windows(ids, seq_len)
         print(json.dumps(score(scorer, batches)))
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:

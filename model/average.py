@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from model.checkpoint import (
     tokenizer_path,
 )
 from model.config import ModelConfig
+from model.export import staged_dir
 from model.llama import Transformer
 
 
@@ -136,10 +136,8 @@ def average_checkpoints(
         "sources": [str(p) for p in paths],
         "weights": weights,
     }
-    if output.is_dir():
-        shutil.rmtree(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(output, mean.state_dict(), state, tokenizer)
+    with staged_dir(output) as staged:  # a failed write (a full disk) leaves an older average at `output` intact
+        save_weights(staged, mean.state_dict(), state, tokenizer)
     return state
 
 
@@ -228,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError("give the checkpoints to average and --output (or --interpolate A B --data DIR)")
             state = average_checkpoints(args.checkpoints, args.output, args.weights, args.overwrite)
             print(f"{args.output}: average of {len(state['sources'])} checkpoint(s), weights {state['weights']}")
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

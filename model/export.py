@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from data.tokenizer import Tokenizer
@@ -31,6 +35,7 @@ from model.hf import WEIGHTS_INDEX, hf_config, hf_state_dict
 from model.llama import Transformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as Hugging Face's
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -63,10 +68,34 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: i
         max_shard_size=max_shard_size,
     )
     for file, names in split.filename_to_tensors.items():
-        save_file({name: tensors[name] for name in names}, out / file, metadata={"format": "pt"})
+        save_safetensors({name: tensors[name] for name in names}, out / file)
     if split.is_sharded:
         write_json(out / WEIGHTS_INDEX, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
     return list(split.filename_to_tensors)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its errors (a full disk) as OSErrors naming the file, and the file's mode
+    following the umask as every other file's does (save_file writes through a private 0600 temporary file)."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except (OSError, SafetensorError) as e:
+        raise OSError(getattr(e, "errno", None), failure_reason(e), str(path)) from None
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+def failure_reason(e: Exception) -> str:
+    """ "no space left on device" from an OSError or from safetensors' "IoError(Os { ..., message: "..." })"."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    found = re.search(r'message: "([^"]+)"', str(e))
+    return found.group(1).lower() if found else str(e)
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
@@ -101,23 +130,37 @@ def replace_dir(tmp: Path, output: Path) -> None:
     os.replace(tmp, output)
 
 
+@contextmanager
+def staged_dir(output: Path) -> Iterator[Path]:
+    """Where to write the directory `output`: a path inside a temporary staging directory next to it, moved over
+    `output` when the block completes. If the block fails (a full disk), the staging directory and everything
+    written in it are removed, and an existing `output` is left as it was."""
+    staging = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging / output.name
+        replace_dir(staging / output.name, output)
+    except OSError as e:
+        raise OSError(
+            f"{e.filename or staging}: {failure_reason(e)}; removed the partial {staging}, nothing older was touched"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_hf(model: Transformer, tokenizer: Tokenizer, output: Path, max_shard_size: int | str = "5GB") -> list[str]:
     """Write `model` (in its own dtype) and `tokenizer` as the Hugging Face directory `output`, replacing it if it
     exists; returns the names of the weight files."""
     cfg = model.cfg
     check_vocab(cfg, tokenizer)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(output) as tmp:
+        tmp.mkdir()
         files = write_weights(hf_state_dict(cfg, model.state_dict()), tmp, max_shard_size)
         dtype = model.lm_head.weight.dtype
         write_json(tmp / "config.json", hf_config(cfg, dtype, tokenizer.bos_id, tokenizer.eos_id))
         write_json(tmp / "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
         write_tokenizer(tokenizer, tmp, cfg.max_seq_len)
-        replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return files
 
 
@@ -141,12 +184,21 @@ def export(
     return save_hf(model, tokenizer, output, max_shard_size)
 
 
+def shard_size(text: str) -> int:
+    """--max-shard-size: a positive number of bytes, e.g. 500MB, 2GB or 1000000."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?B)?", text.strip(), re.IGNORECASE)
+    size = int(float(found.group(1)) * SIZE_UNITS[(found.group(2) or "").upper()]) if found else 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 2GB or 500MB, got {text!r}")
+    return size
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (step-NNNNNNNN)")
     p.add_argument("--output", required=True, help="the Hugging Face model directory to write")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype of the export")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB or 500MB")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors file, e.g. 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
     args = p.parse_args(argv)
     try:

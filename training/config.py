@@ -71,9 +71,14 @@ class TrainConfig:
         return {self.data: 1.0} if isinstance(self.data, str) else dict(self.data)
 
     def validate(self) -> None:
-        for key in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "devices", "num_nodes"):
+        positive = ["seq_len", "micro_batch_size", "global_batch_size", "max_steps", "log_every", "devices"]
+        positive += ["num_nodes"] + (["eval_windows"] if self.eval_every else [])  # unused with evaluation off
+        for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("eval_every", "save_every", "keep_last", "skip_nan_batches", "data_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be 0 or positive, got {getattr(self, key)}")
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.datasets is not None and any(w <= 0 for w in self.datasets.values()):

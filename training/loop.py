@@ -1,5 +1,5 @@
 """The pieces of one training run that train.py strings together: optimizer and schedule, one optimizer step,
-evaluation, the run's progress counters and the SIGTERM flag."""
+evaluation, the run's progress counters and the stop-signal flag."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class StepResult:
     loss: float
     grad_norm: float
     finite: bool
-    stop_requested: bool  # SIGTERM reached at least one rank
+    stop_requested: bool  # SIGTERM or SIGINT reached at least one rank
     moe: dict = field(default_factory=dict)
 
 
@@ -169,15 +169,26 @@ def evaluate(
     return metrics
 
 
-class StopOnSigterm:
-    """SIGTERM (what Slurm and preemptible clouds send) only sets a flag: the run saves and exits at a step end."""
+class StopOnSignal:
+    """SIGTERM (what Slurm and preemptible clouds send) and a first Ctrl-C (SIGINT) only set a flag: the run saves
+    and exits at a step end. A second Ctrl-C stops at once (KeyboardInterrupt); a save it interrupts is a temporary
+    directory, which resume never picks."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received: str | None = None  # the name of the first signal
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.received = self.received or signal.Signals(signum).name
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
