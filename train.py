@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentError
 from lightning.fabric import Fabric
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -57,9 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         print(f"error: {str(e).strip()}".replace("\n", " "), file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    except (KeyboardInterrupt, CheckpointException) as e:  # a second Ctrl-C, maybe inside a save
+        if not interrupted(e):
+            raise
         print("error: interrupted; the checkpoints already saved are intact", file=sys.stderr)
         sys.exit(130)
+
+
+def interrupted(e: BaseException) -> bool:
+    """A Ctrl-C, also when torch.distributed.checkpoint caught it in a save and wrapped it per rank."""
+    if isinstance(e, CheckpointException):
+        return any(isinstance(failure, KeyboardInterrupt) for failure, _ in e.failures.values())
+    return isinstance(e, KeyboardInterrupt)
 
 
 def train(cfg: TrainConfig) -> None:
