@@ -57,6 +57,12 @@ class TrainConfig:
     precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
     activation_checkpointing: Literal["none", "full"] = "none"
     compile: bool = False
+    # Hybrid sharding: shard within groups of world/fsdp_replicas ranks (set it to the node count for one group per
+    # node), replicate across them; 1 shards over every rank.
+    fsdp_replicas: int = 1
+    # Reduce-scatter gradients after every micro-batch: more communication, but gradients stay sharded instead of
+    # FSDP2 keeping a full unsharded fp32 accumulator per rank between micro-batches.
+    grad_sync_every_micro_batch: bool = False
     skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
@@ -71,7 +77,16 @@ class TrainConfig:
         return {self.data: 1.0} if isinstance(self.data, str) else dict(self.data)
 
     def validate(self) -> None:
-        for key in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "devices", "num_nodes"):
+        positive = (
+            "seq_len",
+            "micro_batch_size",
+            "global_batch_size",
+            "max_steps",
+            "devices",
+            "num_nodes",
+            "fsdp_replicas",
+        )
+        for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.seq_len > self.model.max_seq_len:
