@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -31,8 +33,9 @@ def data_parallel_mesh(mesh: DeviceMesh, replicas: int) -> DeviceMesh:
     """The 1-D sharding mesh, or for hybrid sharding a 2-D (replicate, shard) mesh: shards within groups of
     consecutive ranks (a node when `replicas` is the node count), replicas across them.
 
-    The 2-D mesh is built afresh over the whole world (DeviceMesh's `_unflatten` is private and newer than
-    torch 2.11), which is the data-parallel mesh as long as tensor parallelism is off."""
+    The 2-D mesh is built afresh with the public `init_device_mesh` over the whole world, which is the
+    data-parallel mesh as long as tensor parallelism is off (DeviceMesh's `_unflatten` of the data-parallel dim
+    would be exact for any layout, but it is private and not known to exist in torch 2.11)."""
     dp_mesh = mesh["data_parallel"]
     if replicas == 1:
         return dp_mesh
@@ -45,15 +48,16 @@ def data_parallel_mesh(mesh: DeviceMesh, replicas: int) -> DeviceMesh:
 
 
 def shard_size(dp_mesh: DeviceMesh) -> int:
+    """Ranks a parameter is split over (the shard dim of a hybrid mesh)."""
     return dp_mesh["shard"].size() if dp_mesh.ndim == 2 else dp_mesh.size()
 
 
-def expert_placement(num_experts: int, shards: int):
+def expert_placement(num_experts: int, shards: int) -> Callable[[nn.Parameter], Shard | None] | None:
     """Shard stacked expert weights [E, ...] on dim 1 when there are more shards than experts: on dim 0 each rank
     would be padded to the first chunk's size, and every all-gather would move shards/E times the real data."""
     if num_experts == 0 or shards <= num_experts:
         return None
-    return lambda param: Shard(1) if param.ndim == 3 else None
+    return lambda param: Shard(1) if param.ndim == 3 else None  # in a block, only the experts' weights are 3-D
 
 
 def parallelize(
