@@ -132,7 +132,9 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        return train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False)
+        return train_step(
+            fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False, cfg.grad_sync_every_micro_batch
+        )
 
     times, losses = [], []
     for i in range(warmup + steps):
