@@ -124,7 +124,9 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
         while progress.step < cfg.max_steps:
             lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps))
             started = time.perf_counter()
-            result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, stop.requested)
+            result = train_step(
+                fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, stop.requested, cfg.grad_sync_every_micro_batch
+            )
             meter.add(time.perf_counter() - started)
             progress.advance(tokens_per_step, quotas)
             if not result.finite:
@@ -195,6 +197,7 @@ def rank_loader(cfg: TrainConfig, datasets: dict[str, float], state: DataState, 
         rank=fabric.global_rank,
         world=fabric.world_size,
         workers=cfg.data_workers,
+        pin_memory=fabric.device.type == "cuda",
     )
 
 

@@ -211,8 +211,12 @@ def train_loader(
     rank: int,
     world: int,
     workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """An endless loader of this rank's micro-batches [micro_batch, seq_len + 1], starting at `state`."""
+    """An endless loader of this rank's micro-batches [micro_batch, seq_len + 1], starting at `state`.
+
+    `pin_memory` (set it when training on CUDA) returns page-locked batches, so that the host-to-device copy with
+    non_blocking=True is really asynchronous; from pageable memory it blocks the host."""
     quotas = batch_quotas(weights, global_batch_size)
     sampler = RankBatches(state, quotas, [s.n_windows(seq_len) for s in streams], micro_batch, rank, world)
     return DataLoader(
@@ -220,6 +224,7 @@ def train_loader(
         batch_sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,
     )
 
 

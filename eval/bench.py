@@ -3,11 +3,14 @@
     python -m eval.bench --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
     python -m eval.bench --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
     python -m eval.bench ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
+    python -m eval.bench ... --probe true      # then one profiled step: which attention kernels ran
 
 One step is what train.py runs per optimizer step: forward, backward, gradient clipping, AdamW, over
 global_batch_size / (micro_batch_size x world) micro-batches. tokens_per_s = tokens per step / median step time.
 On a CPU, `mfu` is measured against this machine's own matmul peak in the step's compute dtype (a large
-torch.matmul timed in the same process); on a GPU, against the device's listed bf16 peak.
+torch.matmul timed in the same process); on a GPU, against the device's listed bf16 peak. `graphs` and
+`graph_breaks` count what torch.compile made of the blocks (0 and 0 in eager mode; 1 and 0 when every block
+compiled to one shared graph).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 import torch
 from jsonargparse import ArgumentError
 
+from model.attention import resolve_backend
 from model.config import flops_per_token
 from model.llama import count_parameters
 from training.config import TrainConfig, parse_config
@@ -34,6 +38,7 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (0: counts only)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     parser.add_argument("--profile", type=bool, default=False, help="after timing, profile 3 steps; table to stderr")
+    parser.add_argument("--probe", type=bool, default=False, help="after timing, profile 1 step: attention kernels")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -53,18 +58,52 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float
 
 
 PROFILED_STEPS = 3
+PROBED_STEPS = 1
+
+# Profiler event names (ATen operators on any device, then CUDA kernels) that tell which attention ran. ATen's
+# own FlashAttention-2 lives in namespace pytorch_flash, the flash-attn package's in flash (or its custom op).
+ATTENTION_EVENTS = {
+    "SDPA flash": ("_scaled_dot_product_flash_attention", "pytorch_flash::"),
+    "SDPA efficient": ("_scaled_dot_product_efficient_attention", "fmha_cutlass"),
+    "SDPA cuDNN": ("_scaled_dot_product_cudnn_attention", "cudnn_generated_fort_native_sdpa"),
+    "SDPA math": ("_scaled_dot_product_attention_math",),
+    "flash-attn": ("flash_attn::", "flash::flash_fwd"),
+}
 
 
-def profile_table(step: Callable[[], object]) -> str:
-    """torch.profiler over a few more steps: the operators by their own time."""
+def profiled(step: Callable[[], object], steps: int) -> torch.profiler.profile:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(PROFILED_STEPS):
+        for _ in range(steps):
             step()
+    return prof
+
+
+def profile_table(prof: torch.profiler.profile) -> str:
+    """The operators by their own time."""
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort_by, row_limit=30)
+
+
+def attention_kernels(prof: torch.profiler.profile) -> list[str]:
+    """The attention implementations whose operators or kernels ran under the profiler."""
+    names = {event.key for event in prof.key_averages()}
+    return [label for label, marks in ATTENTION_EVENTS.items() if any(m in n for n in names for m in marks)]
+
+
+def compile_counts() -> dict:
+    """What torch.compile made of the blocks in this process: graphs compiled, graph breaks and the first reason."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    first = next(iter(breaks), None)
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_first": first.splitlines()[0] if first else None,
+    }
 
 
 def counts(cfg: TrainConfig) -> dict:
@@ -87,28 +126,38 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
     accum = cfg.grad_accumulation(fabric.world_size)
     generator = torch.Generator().manual_seed(cfg.seed)
-    shape = ((warmup + steps + PROFILED_STEPS) * accum, cfg.micro_batch_size, cfg.seq_len + 1)
+    shape = ((warmup + steps + PROFILED_STEPS + PROBED_STEPS) * accum, cfg.micro_batch_size, cfg.seq_len + 1)
     batches = iter(torch.randint(0, cfg.model.vocab_size, shape, generator=generator))
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        return train_step(
+            fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False, cfg.grad_sync_every_micro_batch
+        )
 
     times, losses = [], []
     for i in range(warmup + steps):
         if fabric.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False)
+        result = step()
         elapsed = time.perf_counter() - t0  # train_step ends on a host sync (the reduced loss)
         losses.append(result.loss)
         if i >= warmup:
             times.append(elapsed)
 
-    if cfg.profile:  # every rank steps (the collectives need them all); rank 0 prints
-        table = profile_table(lambda: train_step(fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, False))
+    record = counts(cfg)
+    record.update(compile_counts())  # before any profiled step, which could compile more
+    # Every rank steps (the collectives need them all); rank 0 prints.
+    if cfg.profile:
+        table = profile_table(profiled(step, PROFILED_STEPS))
         if fabric.global_rank == 0:
             print(table, file=sys.stderr)
+    if cfg.probe:
+        record["attention_backend"] = resolve_backend(cfg.model.attention, fabric.device, compute_dtype(cfg.precision))
+        record["attention_kernels"] = attention_kernels(profiled(step, PROBED_STEPS))
 
-    record = counts(cfg)
     step_s = statistics.median(times)
     tokens_per_s = cfg.global_batch_size * cfg.seq_len / step_s
     achieved = record["flops_per_token"] * tokens_per_s

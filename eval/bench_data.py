@@ -115,11 +115,12 @@ def gpu_step_bound() -> dict:
 
     seq_len = LOADER_SHAPES["1.1B"][0]
     per_token = flops_per_token(ModelConfig.from_name("tinyllama-1.1b"), seq_len)
+    peak = GPU_BF16_PEAK["NVIDIA H200"]
     return {
         "stage": "step",
         "what": "training step, tinyllama-1.1b on one H200 at 100% MFU",
-        "tokens/s": GPU_BF16_PEAK["H200"] / per_token,
-        "note": f"upper bound: {GPU_BF16_PEAK['H200'] / 1e12:.0f} TFLOP/s / {per_token / 1e9:.2f} GFLOP per token",
+        "tokens/s": peak / per_token,
+        "note": f"upper bound: {peak / 1e12:.0f} TFLOP/s / {per_token / 1e9:.2f} GFLOP per token",
     }
 
 

@@ -14,7 +14,10 @@ Sections (each runs on its own: an error, e.g. out of memory, becomes a row of t
              and configs/tinyllama-1.1b-moe.yaml at micro-batch 8 x 2048 in bf16-mixed, eager then per-block
              compiled; each run is a subprocess with the time left in --budget, so a crash or a slow compile cannot
              take the other rows down. The MoE (6.4B parameters, 103 GB of fp32 weights, gradients and AdamW state)
-             runs with full activation checkpointing to fit one 141 GB GPU; MFU counts model FLOPs only.
+             runs with full activation checkpointing to fit one 141 GB GPU; MFU counts model FLOPs only. Each row
+             also says whether torch.compile made one graph of the blocks (graphs and graph breaks counted by
+             dynamo in that run) and which attention ran: the model's backend and the operators or kernels seen
+             in one profiled step (SDPA flash / efficient / cuDNN / math, flash-attn).
 
 A bf16 result agrees when, for the output and every gradient, its largest absolute error against the fp32 reference
 is at most 2^-6 of the reference's largest magnitude (two bf16 rounding steps at that scale); `err/tol` is the worst
@@ -339,6 +342,23 @@ def last_error_line(stderr: str) -> str:
     return (named or lines or ["no output"])[-1][:200]
 
 
+def block_graphs(record: dict) -> str:
+    """Whether torch.compile turned each block into one graph (all blocks share it), else what it made."""
+    graphs, breaks = record["graphs"], record["graph_breaks"]
+    if graphs == 0:
+        return "eager"
+    if graphs == 1 and breaks == 0:
+        return "one graph"
+    first = f": {record['graph_break_first']}" if breaks else ""
+    return f"{graphs} graphs, {breaks} breaks{first}"
+
+
+def attention_ran(record: dict) -> str:
+    """The model's attention backend here and the attention operators or kernels the profiler saw run."""
+    kernels = ", ".join(record["attention_kernels"]) or "no SDPA or flash-attn operator"
+    return f"{record['attention_backend']}: {kernels}"
+
+
 def train_row(record: dict) -> dict:
     peak_mb = record.get("peak_gpu_mb", record.get("peak_rss_mb"))
     return {
@@ -349,6 +369,8 @@ def train_row(record: dict) -> dict:
         "peak GiB": peak_mb / 1024,
         "step ms": record["step_ms"],
         "loss": f"{record['loss_first']:.3f} -> {record['loss_last']:.3f}",
+        "block graphs": block_graphs(record),
+        "attention": attention_ran(record),
         "status": "ok",
         "record": record,
     }
@@ -363,7 +385,7 @@ def check_training(plan: Plan, device: torch.device, deadline: float, steps: int
             rows.append({**row, "status": f"skipped: time budget spent ({left:.0f} s left)"})
             continue
         args = [sys.executable, "-m", "eval.bench", *run.flags(), *plan.train_args]
-        args += [f"--accelerator={device.type}", f"--steps={steps}", f"--warmup={warmup}"]
+        args += [f"--accelerator={device.type}", f"--steps={steps}", f"--warmup={warmup}", "--probe=true"]
         log(f"training: {run.name} (up to {left:.0f} s): {' '.join(args[1:])}")
         code, out, err = run_subprocess(args, timeout=left)
         record = last_json(out) if code == 0 else None
@@ -392,6 +414,8 @@ COLUMNS = {
         "peak GiB",
         "step ms",
         "loss",
+        "block graphs",
+        "attention",
         "status",
     ],
 }

@@ -30,6 +30,10 @@ def test_quick_cpu_check_runs_every_section(tmp_path):
     training = sections["training"]
     assert [row["run"] for row in training] == ["dense, eager", "MoE, eager"]
     assert all(row["status"] == "ok" and row["tokens/s"] > 0 and 0 < row["MFU"] < 1 for row in training)
+    # bf16 on a CPU runs the model's batched-matmul attention, which is no SDPA kernel.
+    assert [(row["block graphs"], row["attention"]) for row in training] == [
+        ("eager", "matmul: no SDPA or flash-attn operator")
+    ] * 2
     assert (tmp_path / "gpu_check.md").read_text() in proc.stdout
 
 
@@ -47,6 +51,14 @@ def test_a_section_that_raises_becomes_a_row(monkeypatch):
     args = gpu_check.parse_args(["--device=cpu"])
     rows = gpu_check.run_section("moe", gpu_check.QUICK, torch.device("cpu"), args, time.perf_counter() + 60)
     assert rows == [{"experts": "(section)", "status": "error: ZeroDivisionError: division by zero"}]
+
+
+def test_block_graphs_and_attention_read_from_a_bench_record():
+    record = {"graphs": 3, "graph_breaks": 2, "graph_break_first": "Failed to trace builtin operator"}
+    assert gpu_check.block_graphs(record) == "3 graphs, 2 breaks: Failed to trace builtin operator"
+    assert gpu_check.block_graphs({"graphs": 1, "graph_breaks": 0}) == "one graph"
+    record = {"attention_backend": "sdpa", "attention_kernels": ["SDPA flash", "SDPA cuDNN"]}
+    assert gpu_check.attention_ran(record) == "sdpa: SDPA flash, SDPA cuDNN"
 
 
 def test_a_failed_training_run_becomes_a_row_with_its_error():

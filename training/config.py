@@ -57,6 +57,12 @@ class TrainConfig:
     precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
     activation_checkpointing: Literal["none", "full"] = "none"
     compile: bool = False
+    # Hybrid sharding: shard within groups of world/fsdp_replicas ranks (set it to the node count for one group per
+    # node), replicate across them; 1 shards over every rank.
+    fsdp_replicas: int = 1
+    # Reduce-scatter gradients after every micro-batch: more communication, but gradients stay sharded instead of
+    # FSDP2 keeping a full unsharded fp32 accumulator per rank between micro-batches.
+    grad_sync_every_micro_batch: bool = False
     skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
@@ -72,7 +78,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ["seq_len", "micro_batch_size", "global_batch_size", "max_steps", "log_every", "devices"]
-        positive += ["num_nodes"] + (["eval_windows"] if self.eval_every else [])  # unused with evaluation off
+        positive += ["num_nodes", "fsdp_replicas"] + (["eval_windows"] if self.eval_every else [])  # unused without eval
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")

@@ -103,6 +103,7 @@ def train_step(
     accum: int,
     grad_clip: float,
     stop_flag: bool,
+    sync_every_micro_batch: bool = False,
 ) -> StepResult:
     """Forward and backward over `accum` micro-batches, clip, and step, unless the loss or gradients are not
     finite on any rank (then the update is skipped everywhere)."""
@@ -110,7 +111,7 @@ def train_step(
     load = None
     for micro in range(accum):
         batch = next(batches).to(fabric.device, non_blocking=True)
-        with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+        with fabric.no_backward_sync(model, enabled=micro < accum - 1 and not sync_every_micro_batch):
             out = model(batch[:, :-1], batch[:, 1:])
             loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
             fabric.backward(loss / accum)

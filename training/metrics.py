@@ -9,16 +9,64 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "4090": 165e12}
+# Dense bf16 tensor-core peaks (FLOP/s), by the name torch.cuda.get_device_name reports. Each is the datasheet's
+# BF16 Tensor Core figure without sparsity (the sheets print the 2:4-sparse figure, twice this, next to it).
+GPU_BF16_PEAK = {
+    "NVIDIA GB200": 2500e12,  # GB200 NVL72 datasheet: 360 PFLOPS sparse over 72 GPUs
+    "NVIDIA B200": 2250e12,  # HGX B200 datasheet: 36 PFLOPS sparse over 8 GPUs
+    "NVIDIA H200": 989e12,  # H200 datasheet, SXM
+    "NVIDIA H200 NVL": 835e12,  # H200 datasheet, NVL
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 datasheet, SXM
+    "NVIDIA H100 PCIe": 756e12,  # H100 datasheet, PCIe
+    "NVIDIA H100 NVL": 835e12,  # H100 NVL datasheet
+    "NVIDIA H800": 989e12,  # H800 datasheet, SXM (the H100 SXM's compute)
+    "NVIDIA H800 PCIe": 756e12,  # H800 datasheet, PCIe
+    "NVIDIA A100-SXM4-80GB": 312e12,  # A100 datasheet, every variant
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,  # A800 datasheet (the A100's compute)
+    "NVIDIA A800 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,  # L40S datasheet
+    "NVIDIA L4": 121e12,  # L4 datasheet
+    "NVIDIA A10": 125e12,  # A10 datasheet
+    "NVIDIA A10G": 125e12,  # AWS's A10 variant: no NVIDIA sheet, taken as the A10's
+    "NVIDIA GeForce RTX 4090": 165e12,  # Ada whitepaper: FP16/BF16 with FP32 accumulation
+}
+# For names not in the table (other memory sizes, form factors): the most specific family name they contain.
+GPU_FAMILY_PEAK = {
+    "GB200": GPU_BF16_PEAK["NVIDIA GB200"],
+    "B200": GPU_BF16_PEAK["NVIDIA B200"],
+    "H200 NVL": GPU_BF16_PEAK["NVIDIA H200 NVL"],
+    "H200": GPU_BF16_PEAK["NVIDIA H200"],
+    "H100 NVL": GPU_BF16_PEAK["NVIDIA H100 NVL"],
+    "H100 PCIe": GPU_BF16_PEAK["NVIDIA H100 PCIe"],
+    "H100": GPU_BF16_PEAK["NVIDIA H100 80GB HBM3"],
+    "H800 PCIe": GPU_BF16_PEAK["NVIDIA H800 PCIe"],
+    "H800": GPU_BF16_PEAK["NVIDIA H800"],
+    "A100": GPU_BF16_PEAK["NVIDIA A100-SXM4-80GB"],
+    "A800": GPU_BF16_PEAK["NVIDIA A800-SXM4-80GB"],
+}
+
+
+def bf16_peak_by_name(name: str) -> float | None:
+    """The exact name's peak, else the longest family name it contains, else None."""
+    if name in GPU_BF16_PEAK:
+        return GPU_BF16_PEAK[name]
+    families = sorted((f for f in GPU_FAMILY_PEAK if f.lower() in name.lower()), key=len, reverse=True)
+    return GPU_FAMILY_PEAK[families[0]] if families else None
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak where it is known (CPU peaks are measured by eval.bench instead)."""
+    """The device's dense bf16 peak where it is known (CPU peaks are measured by eval.bench instead); for an
+    unknown GPU, None and a one-line notice, so that no wrong MFU is logged."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
+    peak = bf16_peak_by_name(name)
+    if peak is None:
+        print(f"no bf16 peak known for {name!r}: MFU is not logged (add it to training/metrics.py GPU_BF16_PEAK)")
+    return peak
 
 
 class Throughput:

@@ -44,6 +44,7 @@ def launch(cfg: TrainConfig) -> Fabric:
             precision=cfg.precision,
             activation_checkpointing=cfg.activation_checkpointing,
             compile=cfg.compile,
+            fsdp_replicas=cfg.fsdp_replicas,
         ),
         data_parallel_size=devices * nodes,
         tensor_parallel_size=1,
