@@ -125,7 +125,14 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
             lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps))
             started = time.perf_counter()
             result = train_step(
-                fabric, model, optimizer, batches, accum, cfg.optim.grad_clip, stop.requested, cfg.grad_sync_every_micro_batch
+                fabric,
+                model,
+                optimizer,
+                batches,
+                accum,
+                cfg.optim.grad_clip,
+                stop.requested,
+                cfg.grad_sync_every_micro_batch,
             )
             meter.add(time.perf_counter() - started)
             progress.advance(tokens_per_step, quotas)

@@ -78,7 +78,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ["seq_len", "micro_batch_size", "global_batch_size", "max_steps", "log_every", "devices"]
-        positive += ["num_nodes", "fsdp_replicas"] + (["eval_windows"] if self.eval_every else [])  # unused without eval
+        positive += ["num_nodes", "fsdp_replicas"] + (["eval_windows"] if self.eval_every else [])  # eval only
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
