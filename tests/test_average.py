@@ -10,7 +10,7 @@ import torch
 
 from eval import perplexity
 from model import average, export
-from model.checkpoint import TOKENIZER, checkpoint_name, load_model, read_state, save_weights
+from model.checkpoint import TOKENIZER, checkpoint_name, load_model, read_state, save_weights, write_checksums
 from model.llama import Transformer
 from tests.conftest import run_module, run_train, tiny_config, train_losses
 
@@ -97,6 +97,7 @@ def test_existing_output_and_other_tokenizer_are_refused(two, tmp_path):
     other = tmp_path / "other"
     average.average_checkpoints([b], other)
     (other / TOKENIZER).write_bytes((other / TOKENIZER).read_bytes() + b"\0")
+    write_checksums(other)  # another tokenizer, not a damaged file
     with pytest.raises(ValueError, match=f"{other}: tokenizer differs"):
         average.average_checkpoints([a, other], tmp_path / "never")
 
