@@ -57,6 +57,7 @@ class TrainConfig:
     precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
     activation_checkpointing: Literal["none", "full"] = "none"
     compile: bool = False
+    cpu_kernels: bool = True  # on a CPU, swap in the tested-equal fast paths of cpu_kernels/ (false: the reference)
     skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
