@@ -60,9 +60,9 @@ def test_moe_layer_gives_the_same_outputs_and_gradients_on_both_paths():
         torch.testing.assert_close(a, b)
 
 
-def test_grouped_mm_is_chosen_on_a_cpu_and_only_hopper_bf16_on_cuda(monkeypatch):
+def test_grouped_mm_is_chosen_for_bf16_on_a_cpu_and_on_hopper_only(monkeypatch):
     cpu = torch.device("cpu")
-    assert grouped_mm_fits(cpu, torch.bfloat16) and grouped_mm_fits(cpu, torch.float32)
+    assert grouped_mm_fits(cpu, torch.bfloat16) and not grouped_mm_fits(cpu, torch.float32)
     cuda = torch.device("cuda", 0)
     for capability, chosen in [((8, 0), False), ((9, 0), True), ((10, 0), False), ((12, 0), False)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)

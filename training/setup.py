@@ -106,14 +106,15 @@ def check_attention(cfg: TrainConfig, device: torch.device) -> None:
 def grouped_mm_fits(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the MoE experts run as torch._grouped_mm here, decided once for the run.
 
-    On CUDA only Hopper (capability 9.x) in bf16: that is the kernel torch tunes for; on Blackwell (10.x) a PyTorch
-    report shows wrong gradients for experts that received no tokens, and elsewhere (8.x, 12.x) torch runs a looped
-    fallback that syncs the host anyway. On a CPU torch's kernel runs in fp32 and bf16 and keeps the reference MoE
-    free of host syncs, so a compiled block stays one graph (the cpu_kernels plug-in replaces it when enabled)."""
-    if not hasattr(torch, "_grouped_mm"):
+    bf16 only: torch's CUDA kernel and its meta function (what torch.compile traces) accept nothing else. On CUDA
+    only Hopper (capability 9.x): that is the kernel torch tunes for; on Blackwell (10.x) a PyTorch report shows
+    wrong gradients for experts that received no tokens, and elsewhere (8.x, 12.x) torch runs a looped fallback
+    that syncs the host anyway. On a CPU torch's kernel keeps the reference MoE free of host syncs, so a compiled
+    block stays one graph (the cpu_kernels plug-in replaces it when enabled)."""
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9
+        return torch.cuda.get_device_capability(device)[0] == 9
     return device.type == "cpu"
 
 
