@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -203,3 +204,27 @@ def test_loss_gradient_at_a_confident_target_in_bf16():
     assert float((h64 @ w64.t()).detach().softmax(-1)[0, 7]) == pytest.approx(0.995, abs=1e-3)
     for ours, ref in [(h.grad, h64.grad), (w.grad, w64.grad)]:
         assert ((ours.double() - ref).norm() / ref.norm()).item() < 2**-7
+
+
+def test_a_broken_flash_attn_install_falls_back_to_sdpa_with_a_notice(monkeypatch, capsys):
+    """A wheel built for another torch imports as a package but fails at its first call: the probe's tiny call
+    finds that, `auto` falls back to SDPA with a one-line notice, and an explicit `flash` is an error saying why."""
+    import types
+
+    import model.attention as attention
+
+    broken = types.ModuleType("flash_attn")
+
+    def flash_attn_func(*args, **kwargs):
+        raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice")
+
+    broken.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", broken)
+    reason = attention._probe_flash_attn(torch.device("cpu"))
+    assert "does not run here" in reason and "undefined symbol" in reason
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setitem(attention._flash_problems, (cuda, torch.bfloat16), reason)
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "sdpa"
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(ValueError, match="model.attention=flash cannot run: flash-attn is installed but"):
+        resolve_backend("flash", cuda, torch.bfloat16)
