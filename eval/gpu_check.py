@@ -9,7 +9,7 @@ Sections (each runs on its own: an error, e.g. out of memory, becomes a row of t
              dim 64, seq 2048, causal), forward and backward, against the math kernel in fp32.
   moe        one TinyLlama-1.1B-MoE layer (8 x 2048 tokens, dim 2048, ffn 5632, 8 experts, top-2), forward and
              backward: grouped matmul (torch._grouped_mm) and the looped experts in bf16 against the looped experts
-             in fp32; also which path model.moe.use_grouped_mm picks here.
+             in fp32; also which path training.setup.grouped_mm_fits picks here.
   training   `python -m eval.bench` (the trainer's own step: Fabric, FSDP2, AdamW) for configs/tinyllama-1.1b.yaml
              and configs/tinyllama-1.1b-moe.yaml at micro-batch 8 x 2048 in bf16-mixed, eager then per-block
              compiled; each run is a subprocess with the time left in --budget, so a crash or a slow compile cannot
@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -46,10 +47,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eval.tables import markdown_table
-from model.attention import FLASH_ATTN_INSTALLED, attend, flash_unavailable_reason
+from model.attention import attend, flash_unavailable_reason
 from model.config import ModelConfig
-from model.moe import MoEFeedForward, use_grouped_mm
+from model.moe import MoEFeedForward
 from training.metrics import device_peak_flops
+from training.setup import grouped_mm_fits
 
 REPO = Path(__file__).resolve().parent.parent
 BF16_TOLERANCE = 2**-6  # of the reference's largest magnitude
@@ -290,7 +292,7 @@ def check_moe(plan: Plan, device: torch.device) -> list[dict]:
     log(
         f"moe: fp32 looped reference, {batch}x{seq} tokens, dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.num_experts} experts"
     )
-    default_grouped = use_grouped_mm(inputs[0].bfloat16())
+    default_grouped = grouped_mm_fits(device, torch.bfloat16)
     rows = []
     for grouped in (False, True):
         row = {
@@ -426,7 +428,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "flash_attn": FLASH_ATTN_INSTALLED,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
         "grouped_mm": hasattr(torch, "_grouped_mm"),
     }
     if device.type == "cuda":

@@ -28,7 +28,7 @@ class ModelConfig:
     top_k: int = 2
     aux_loss_coef: float = 0.02
     z_loss_coef: float = 0.001
-    attention: Literal["auto", "flash", "sdpa", "matmul"] = "auto"
+    attention: Literal["auto", "flash", "sdpa"] = "auto"
 
     def __post_init__(self) -> None:
         self.validate()

@@ -16,32 +16,8 @@ from model.loss import linear_cross_entropy
 from model.moe import MoEFeedForward, RouterStats, swiglu
 
 
-class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm with a hand-written backward. On a CPU, F.rms_norm's backward runs as a dozen elementwise ops and
-    measured 2x slower than this (bf16 [2048, 512]: 5.0 vs 2.5 ms forward + backward).
-
-    Forward as transformers' LlamaRMSNorm: x times its fp32 row scale, rounded to x's dtype, times the gain. The
-    backward's row factors are rounded to x's dtype first, as mixed-dtype elementwise ops run 3x slower on a CPU:
-    in bf16 the gradients stay within one bf16 rounding of an fp64 reference (0.3% relative)."""
-
-    @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
-        sum_sq_N1 = torch.linalg.vector_norm(x_ND, dim=-1, keepdim=True, dtype=torch.float32).square_()
-        rstd_N1 = sum_sq_N1.div_(x_ND.shape[-1]).add_(eps).rsqrt_()
-        ctx.save_for_backward(x_ND, w_D, rstd_N1)
-        return torch.mul(x_ND, rstd_N1, out=torch.empty_like(x_ND)) * w_D
-
-    @staticmethod
-    def backward(ctx, dy_ND: torch.Tensor):
-        x_ND, w_D, rstd_N1 = ctx.saved_tensors
-        # y = w * x * r with r = rsqrt(mean(x^2) + eps): dx = r * g - r^3 * mean(g * x) * x, where g = dy * w;
-        # dw = sum over rows of dy * x * r.
-        g_ND = dy_ND * w_D
-        mean_gx_N1 = torch.linalg.vecdot(g_ND, x_ND).unsqueeze(1).float() / x_ND.shape[-1]
-        r_N1, c_N1 = rstd_N1.to(x_ND.dtype), (-rstd_N1.pow(3) * mean_gx_N1).to(x_ND.dtype)
-        dx_ND = (g_ND * r_N1).addcmul_(x_ND, c_N1)
-        dw_D = torch.mv((dy_ND * x_ND).t(), r_N1.squeeze(1))
-        return dx_ND, dw_D.to(w_D.dtype), None
+def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight_D.shape, weight_D, eps)
 
 
 class RMSNorm(nn.Module):
@@ -49,11 +25,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_fn = rms_norm  # a device plug-in (cpu_kernels) may swap in an equal, faster function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":  # a GPU has F.rms_norm's fused kernels
-            return _RMSNormCPU.apply(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.norm_fn(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +77,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.attend_fn = attend  # (q, k, v, backend) -> out; a device plug-in (cpu_kernels) may swap it
 
     def forward(
         self, x_BTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, cache: KVCache | None, start: int
@@ -114,7 +90,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)
         backend = resolve_backend(self.cfg.attention, q.device, q.dtype)
-        return self.o_proj(attend(q, k, v, backend).reshape(B, T, -1))
+        return self.o_proj(self.attend_fn(q, k, v, backend).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -129,12 +105,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, grouped_mm: bool = False) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
+        self.ffn = MoEFeedForward(cfg, grouped_mm) if cfg.is_moe else FeedForward(cfg)
 
     def forward(
         self,
@@ -164,13 +140,16 @@ OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "down_proj")  # the r
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, grouped_mm: bool = False) -> None:
+        """`grouped_mm`: the MoE experts run as torch._grouped_mm (else a loop); the builder decides it once for
+        the device it trains on (training/setup.py)."""
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, grouped_mm) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.loss_fn = linear_cross_entropy  # (h, w, targets) -> mean loss; a device plug-in may swap it
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -225,7 +204,7 @@ class Transformer(nn.Module):
         if targets_BT is None:
             out.logits = self.lm_head(x)
         else:
-            out.loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+            out.loss = self.loss_fn(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
         return out
 
     def _moe_output(self, stats: list[RouterStats]) -> ModelOutput:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import itertools
 from typing import NamedTuple
 
 import torch
@@ -49,82 +47,34 @@ def router_stats(routing: Routing, counts_E: torch.Tensor) -> RouterStats:
     return RouterStats(balance, z_loss, load_E.detach())
 
 
+GROUPED_MM_ALIGN = 16  # torch._grouped_mm wants 16-byte aligned groups: every expert's rows padded to a multiple
+
+
 def swiglu(x: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate_FD)) * F.linear(x, up_FD), down_DF)
 
 
-class _LoopedExperts(torch.autograd.Function):
-    """Each non-empty expert's SwiGLU on its contiguous slice of the expert-sorted rows, by matmuls that write into
-    one buffer per stage, so the activation runs once over all rows and backward writes each expert's weight
-    gradient straight into the stacked gradient. Autograd through per-expert slices would concatenate the outputs,
-    the input gradients and the stacked weight gradients again: together with the per-slice activations that
-    measured 10% slower per layer on a CPU."""
-
-    @staticmethod
-    def forward(
-        ctx, x_RD: torch.Tensor, counts: list[int], gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
-    ) -> torch.Tensor:
-        ends = list(itertools.accumulate(counts))
-        spans = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n]
-        gate_SF = x_RD.new_empty(ends[-1], gate_EFD.shape[1])
-        up_SF = torch.empty_like(gate_SF)
-        for e, a, b in spans:
-            torch.mm(x_RD[a:b], gate_EFD[e].t(), out=gate_SF[a:b])
-            torch.mm(x_RD[a:b], up_EFD[e].t(), out=up_SF[a:b])
-        act_SF = F.silu(gate_SF)
-        h_SF = act_SF * up_SF
-        y_SD = x_RD.new_empty(ends[-1], x_RD.shape[1])
-        for e, a, b in spans:
-            torch.mm(h_SF[a:b], down_EDF[e].t(), out=y_SD[a:b])
-        ctx.spans = spans
-        ctx.save_for_backward(x_RD, gate_EFD, up_EFD, down_EDF, gate_SF, up_SF, act_SF, h_SF)
-        return y_SD
-
-    @staticmethod
-    def backward(ctx, dy_SD: torch.Tensor):
-        x_RD, gate_EFD, up_EFD, down_EDF, gate_SF, up_SF, act_SF, h_SF = ctx.saved_tensors
-        # Every expert's weight gradient is written below, unless an expert got no rows: then they start at zero.
-        new_grad = torch.empty_like if len(ctx.spans) == len(gate_EFD) else torch.zeros_like
-        d_gate, d_up, d_down = new_grad(gate_EFD), new_grad(up_EFD), new_grad(down_EDF)
-        dh_SF = torch.empty_like(gate_SF)
-        for e, a, b in ctx.spans:
-            torch.mm(dy_SD[a:b], down_EDF[e], out=dh_SF[a:b])
-            torch.mm(dy_SD[a:b].t(), h_SF[a:b], out=d_down[e])
-        d_up_SF = dh_SF * act_SF
-        d_gate_SF = torch.ops.aten.silu_backward(dh_SF.mul_(up_SF), gate_SF)
-        dx_RD = torch.empty_like(x_RD)
-        dx_RD[len(gate_SF) :].zero_()  # rows past the last expert's slice feed no expert
-        for e, a, b in ctx.spans:
-            torch.mm(d_gate_SF[a:b].t(), x_RD[a:b], out=d_gate[e])
-            torch.mm(d_up_SF[a:b].t(), x_RD[a:b], out=d_up[e])
-            torch.mm(d_gate_SF[a:b], gate_EFD[e], out=dx_RD[a:b]).addmm_(d_up_SF[a:b], up_EFD[e])
-        return dx_RD, None, d_gate, d_up, d_down
-
-
 def experts_looped(
-    x_RD: torch.Tensor, counts: list[int], gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
+    x_SD: torch.Tensor, counts_E: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
 ) -> torch.Tensor:
-    """The experts on the first sum(counts) expert-sorted rows, expert e on the next counts[e] of them."""
-    return _LoopedExperts.apply(x_RD, counts, gate_EFD, up_EFD, down_EDF)
+    """Expert e's SwiGLU on its contiguous slice of the expert-sorted rows, one expert after the other. Slicing
+    needs the counts on the host: one sync per layer (and a graph break under torch.compile), the price of running
+    where torch._grouped_mm does not."""
+    slices = x_SD.split(counts_E.tolist())
+    return torch.cat([swiglu(x, *w) for x, *w in zip(slices, gate_EFD, up_EFD, down_EDF)])
 
 
 def experts_grouped(
     x_SD: torch.Tensor, counts_E: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor
 ) -> torch.Tensor:
-    """All experts in three grouped matmuls over the expert-sorted tokens (no host sync on the counts)."""
-    offs = counts_E.cumsum(0).to(torch.int32)
+    """All experts in three grouped matmuls over the expert-sorted rows (no host sync on the counts). The last
+    expert's group runs to the last row: torch leaves the input gradient of rows outside every group unwritten, and
+    the padding rows past the last slice must get a gradient of 0 (their outputs are never combined)."""
+    ends_E = counts_E.cumsum(0)
+    offs = torch.cat([ends_E[:-1], ends_E.new_full((1,), len(x_SD))]).to(torch.int32)
     h_SF = F.silu(torch._grouped_mm(x_SD, gate_EFD.transpose(1, 2), offs=offs))
     h_SF = h_SF * torch._grouped_mm(x_SD, up_EFD.transpose(1, 2), offs=offs)
     return torch._grouped_mm(h_SF, down_EDF.transpose(1, 2), offs=offs)
-
-
-def row_alignment(x: torch.Tensor, grouped: bool) -> int:
-    """Each expert's slice of rows is padded to a multiple of this: torch._grouped_mm wants 16-byte aligned groups,
-    and oneDNN builds a bf16 matmul kernel per new row count on a CPU (44% slower and growing memory when the
-    counts change every step; multiples of 64 keep the set of shapes small)."""
-    if grouped:
-        return 16
-    return 64 if x.device.type == "cpu" and x.dtype == torch.bfloat16 else 1
 
 
 def padded_slots(
@@ -135,60 +85,6 @@ def padded_slots(
     padded_E = (counts_E + align - 1) // align * align
     shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
     return torch.arange(len(sorted_experts_S), device=counts_E.device) + shift_E[sorted_experts_S], padded_E
-
-
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm's fast path: bf16 on Hopper or newer."""
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
-
-
-class _Dispatch(torch.autograd.Function):
-    """Tokens to expert-sorted rows: row r holds token token_of_row[r]. Backward gathers each token's k rows and
-    adds them up, where index_select's own backward would scatter-add (on a CPU that round-trips bf16 through fp32
-    and measured 5x slower than the gather)."""
-
-    @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, token_of_row_R: torch.Tensor, rows_NK: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows_NK)
-        return x_ND.index_select(0, token_of_row_R)
-
-    @staticmethod
-    def backward(ctx, grad_RD: torch.Tensor):
-        (rows_NK,) = ctx.saved_tensors
-        grad_NKD = grad_RD.index_select(0, rows_NK.flatten()).view(*rows_NK.shape, -1)
-        return functools.reduce(torch.add, grad_NKD.unbind(1)), None, None
-
-
-class _Combine(torch.autograd.Function):
-    """Expert-sorted rows back to tokens: out[n] = sum over k of weights[n, k] * y[rows[n, k]]. Backward is a
-    gather too: row r's gradient is its token's output gradient times its slot's weight, and padding rows, which
-    belong to no slot, get weight 0."""
-
-    @staticmethod
-    def forward(
-        ctx, y_RD: torch.Tensor, weights_NK: torch.Tensor, rows_NK: torch.Tensor, token_of_row_R: torch.Tensor
-    ) -> torch.Tensor:
-        y_NKD = y_RD.index_select(0, rows_NK.flatten()).view(*rows_NK.shape, -1)
-        w_NK = weights_NK.to(y_RD.dtype)
-        out_ND = y_NKD[:, 0] * w_NK[:, :1]
-        for k in range(1, w_NK.shape[1]):
-            out_ND.addcmul_(y_NKD[:, k], w_NK[:, k : k + 1])
-        ctx.save_for_backward(y_NKD, w_NK, rows_NK, token_of_row_R[: len(y_RD)])
-        ctx.weights_dtype = weights_NK.dtype
-        return out_ND
-
-    @staticmethod
-    def backward(ctx, grad_ND: torch.Tensor):
-        y_NKD, w_NK, rows_NK, token_of_row_R = ctx.saved_tensors
-        weight_of_row_R = w_NK.new_zeros(len(token_of_row_R)).index_put_((rows_NK.flatten(),), w_NK.flatten())
-        grad_RD = grad_ND.index_select(0, token_of_row_R).mul_(weight_of_row_R.unsqueeze(1))
-        grad_NK = torch.linalg.vecdot(y_NKD, grad_ND.unsqueeze(1)).to(ctx.weights_dtype)
-        return grad_RD, grad_NK, None, None
 
 
 def sorted_rows(
@@ -205,28 +101,49 @@ def sorted_rows(
     return rows_NK, token_of_row, rows_E
 
 
+def expert_counts(experts_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Slots routed to each expert, [E], on the device (no host sync, unlike torch.bincount on CUDA)."""
+    flat = experts_NK.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def sparse_ffn(
+    x_ND: torch.Tensor,
+    routing: Routing,
+    counts_E: torch.Tensor,
+    gate_EFD: torch.Tensor,
+    up_EFD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    grouped_mm: bool,
+) -> torch.Tensor:
+    """Dispatch the tokens to their experts' rows, run the experts, combine their outputs with the router weights,
+    in plain differentiable ops: a gather in, the experts, a gather out and a weighted sum over the k slots."""
+    align = GROUPED_MM_ALIGN if grouped_mm else 1
+    rows_NK, token_of_row_R, rows_E = sorted_rows(routing.experts_NK, counts_E, align)
+    x_RD = x_ND.index_select(0, token_of_row_R)
+    experts = experts_grouped if grouped_mm else experts_looped
+    y_RD = experts(x_RD, rows_E, gate_EFD, up_EFD, down_EDF)
+    y_NKD = y_RD.index_select(0, rows_NK.flatten()).view(*rows_NK.shape, -1)
+    return (y_NKD * routing.weights_NK.to(y_NKD.dtype).unsqueeze(2)).sum(dim=1)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts; expert weights stacked as [num_experts, ...]."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, grouped_mm: bool = False) -> None:
         super().__init__()
         self.top_k = cfg.top_k
         self.router = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
         self.gate_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.ffn_dim, cfg.dim))
         self.up_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.ffn_dim, cfg.dim))
         self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim, cfg.ffn_dim))
-        self.grouped_mm: bool | None = None  # None: decide per device and dtype
+        self.grouped_mm = grouped_mm  # the experts by torch._grouped_mm, else a loop: fixed when the model is built
+        self.sparse_ffn_fn = sparse_ffn  # a device plug-in (cpu_kernels) may swap in an equal, faster function
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = route(x_ND, self.router.weight, self.top_k)
-        counts_E = torch.bincount(routing.experts_NK.flatten(), minlength=self.gate_proj.shape[0])
-        grouped = use_grouped_mm(x_ND) if self.grouped_mm is None else self.grouped_mm
-        rows_NK, token_of_row, rows_E = sorted_rows(routing.experts_NK, counts_E, row_alignment(x_ND, grouped))
-        x_RD = _Dispatch.apply(x_ND, token_of_row, rows_NK)
-        if grouped:
-            y_RD = experts_grouped(x_RD, rows_E, self.gate_proj, self.up_proj, self.down_proj)
-        else:
-            y_RD = experts_looped(x_RD, rows_E.tolist(), self.gate_proj, self.up_proj, self.down_proj)
-        out_ND = _Combine.apply(y_RD, routing.weights_NK, rows_NK, token_of_row)
+        counts_E = expert_counts(routing.experts_NK, self.gate_proj.shape[0])
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        out_ND = self.sparse_ffn_fn(x_ND, routing, counts_E, *weights, self.grouped_mm)
         return out_ND.view_as(x_BTD), router_stats(routing, counts_E)

@@ -1,5 +1,5 @@
-"""The grouped-matmul expert path (torch._grouped_mm, used on Hopper GPUs) against the looped one, on the CPU,
-where torch also has the kernel."""
+"""The grouped-matmul expert path (torch._grouped_mm, used on Hopper GPUs and by the reference on a CPU) against
+the looped one, on the CPU, where torch also has the kernel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import copy
 import pytest
 import torch
 
-from model.moe import MoEFeedForward, experts_grouped, experts_looped, use_grouped_mm
+from model.moe import MoEFeedForward, experts_grouped, experts_looped
 from tests.conftest import tiny_config
+from training.setup import grouped_mm_fits
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
 
@@ -28,7 +29,7 @@ def test_grouped_experts_match_looped_including_an_expert_without_tokens(dtype):
     x, dout = (torch.randn(32, 64, generator=g).to(dtype) for _ in range(2))
     gate, up = (torch.randn(4, 96, 64, generator=g).to(dtype) * 0.1 for _ in range(2))
     down = torch.randn(4, 64, 96, generator=g).to(dtype) * 0.1
-    looped = forward_backward(lambda *t: experts_looped(t[0], counts, *t[1:]), [x, gate, up, down], dout)
+    looped = forward_backward(lambda *t: experts_looped(t[0], torch.tensor(counts), *t[1:]), [x, gate, up, down], dout)
     grouped = forward_backward(
         lambda *t: experts_grouped(t[0], torch.tensor(counts), *t[1:]), [x, gate, up, down], dout
     )
@@ -59,6 +60,11 @@ def test_moe_layer_gives_the_same_outputs_and_gradients_on_both_paths():
         torch.testing.assert_close(a, b)
 
 
-def test_grouped_mm_is_chosen_only_for_bf16_on_a_gpu():
-    assert not use_grouped_mm(torch.zeros(4, 8, dtype=torch.bfloat16))
-    assert not use_grouped_mm(torch.zeros(4, 8))
+def test_grouped_mm_is_chosen_for_bf16_on_a_cpu_and_on_hopper_only(monkeypatch):
+    cpu = torch.device("cpu")
+    assert grouped_mm_fits(cpu, torch.bfloat16) and not grouped_mm_fits(cpu, torch.float32)
+    cuda = torch.device("cuda", 0)
+    for capability, chosen in [((8, 0), False), ((9, 0), True), ((10, 0), False), ((12, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert grouped_mm_fits(cuda, torch.bfloat16) == chosen, capability
+        assert not grouped_mm_fits(cuda, torch.float32)

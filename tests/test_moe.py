@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.config import PRESETS
 from model.llama import count_parameters
-from model.moe import MoEFeedForward, Routing, route, router_stats
+from model.moe import MoEFeedForward, Routing, expert_counts, route, router_stats
 from tests.conftest import read_metrics, run_train, tiny_config, train_losses
 
 
@@ -44,9 +44,8 @@ def test_routing_and_output_equal_naive_reference(top_k):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_padded_expert_slices_equal_naive_reference(grouped, monkeypatch):
-    """Experts' rows padded to a multiple of 8 (as bf16 on a CPU and grouped matmuls do) change nothing."""
-    monkeypatch.setattr("model.moe.row_alignment", lambda x, grouped: 8)
+def test_both_expert_paths_equal_naive_reference(grouped):
+    """The looped experts, and the grouped ones with every expert's rows padded to a multiple of 16."""
     ffn = make_ffn()
     ffn.grouped_mm = grouped
     x = torch.randn(2, 21, 64, requires_grad=True)
@@ -58,10 +57,9 @@ def test_padded_expert_slices_equal_naive_reference(grouped, monkeypatch):
 
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_gradients_equal_naive_reference(top_k, grouped, monkeypatch):
-    """The hand-written dispatch and combine backwards, padding rows included, against autograd through the
-    token-by-token reference: gradients of the input, the router and every expert."""
-    monkeypatch.setattr("model.moe.row_alignment", lambda x, grouped: 8)
+def test_gradients_equal_naive_reference(top_k, grouped):
+    """Dispatch and combine, padding rows included, against autograd through the token-by-token reference:
+    gradients of the input, the router and every expert."""
     ffn = make_ffn(top_k=top_k)
     ffn.grouped_mm = grouped
     x = torch.randn(2, 21, 64, requires_grad=True)
@@ -105,7 +103,7 @@ def test_balance_loss_is_one_for_a_uniform_router():
     probs = torch.full((N, E), 1.0 / E)
     experts = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)
     routing = Routing(probs.log(), probs, torch.full((N, k), 0.5), experts)
-    stats = router_stats(routing, torch.bincount(experts.flatten(), minlength=E))
+    stats = router_stats(routing, expert_counts(experts, E))
     assert stats.balance_loss.item() == pytest.approx(1.0)
 
 

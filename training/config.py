@@ -63,6 +63,7 @@ class TrainConfig:
     # Reduce-scatter gradients after every micro-batch: more communication, but gradients stay sharded instead of
     # FSDP2 keeping a full unsharded fp32 accumulator per rank between micro-batches.
     grad_sync_every_micro_batch: bool = False
+    cpu_kernels: bool = True  # on a CPU, swap in the tested-equal fast paths of cpu_kernels/ (false: the reference)
     skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)

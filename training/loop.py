@@ -95,6 +95,32 @@ def skip_or_stop(progress: Progress, result: StepResult, skip_nan_batches: int, 
         )
 
 
+class Packed:
+    """Named tensors flattened into one fp32 tensor, so one collective reduces them all and one host read brings
+    them back: `Packed({"loss": l, "load": load_LE}).tensor`, then `.read(tensor)` gives {"loss": float, "load":
+    nested lists}."""
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        self.shapes = {name: tuple(v.shape) for name, v in values.items()}
+        self.tensor = torch.cat([v.detach().float().reshape(-1) for v in values.values()])
+
+    def read(self, tensor: torch.Tensor) -> dict[str, float | list]:
+        flat, out, start = tensor.tolist(), {}, 0
+        for name, shape in self.shapes.items():
+            n = math.prod(shape)
+            out[name] = flat[start] if not shape else torch.tensor(flat[start : start + n]).view(shape).tolist()
+            start += n
+        return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes, in place, with one collective on the default group and no barrier (Fabric's
+    all_reduce adds one); nothing to do in a single process without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
 def train_step(
     fabric: Fabric,
     model: torch.nn.Module,
@@ -106,37 +132,38 @@ def train_step(
     sync_every_micro_batch: bool = False,
 ) -> StepResult:
     """Forward and backward over `accum` micro-batches, clip, and step, unless the loss or gradients are not
-    finite on any rank (then the update is skipped everywhere)."""
-    sums = torch.zeros(5, device=fabric.device)  # lm loss, aux loss, balance loss, z loss, expert load (summed)
-    load = None
+    finite on any rank (then the update is skipped everywhere). Everything the ranks agree on (losses, flags,
+    expert load) is reduced in one all_reduce and read back to the host once."""
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(accum):
         batch = next(batches).to(fabric.device, non_blocking=True)
         with fabric.no_backward_sync(model, enabled=micro < accum - 1 and not sync_every_micro_batch):
             out = model(batch[:, :-1], batch[:, 1:])
             loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
             fabric.backward(loss / accum)
-        sums[0] += out.loss.detach().float()
+        terms = {"loss": out.loss}
         if out.aux_loss is not None:
-            sums[1:4] += torch.stack([out.aux_loss, out.balance_loss, out.z_loss]).detach().float()
-            load = out.expert_load if load is None else load + out.expert_load
+            terms |= {"aux_loss": out.aux_loss, "balance_loss": out.balance_loss, "z_loss": out.z_loss}
+            terms["expert_load"] = out.expert_load
+        for name, value in terms.items():
+            value = value.detach().float()
+            sums[name] = sums[name] + value if name in sums else value
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    flags = torch.tensor([float(not torch.isfinite(grad_norm)), float(stop_flag)], device=fabric.device)
-    reduced = fabric.all_reduce(torch.cat([sums[:4] / accum, flags]), reduce_op="sum")
-    finite = bool(torch.isfinite(reduced[:4]).all()) and float(reduced[4]) == 0
+    flags = {"grad_norm": grad_norm, "nonfinite_grad": ~torch.isfinite(grad_norm)}
+    means = {name: total / accum for name, total in sums.items()}
+    packed = Packed({**means, **flags, "stop": torch.tensor(float(stop_flag), device=fabric.device)})
+    world = fabric.world_size
+    reduced = packed.read(all_reduce_sum(packed.tensor))  # the step's only host sync
+    losses = [reduced[k] for k in ("loss", "aux_loss", "balance_loss", "z_loss") if k in reduced]
+    finite = all(math.isfinite(v) for v in losses) and reduced["nonfinite_grad"] == 0
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    world = fabric.world_size
-    result = StepResult(float(reduced[0]) / world, float(grad_norm), finite, bool(reduced[5] > 0))
-    if load is not None:
-        load = fabric.all_reduce(load / accum, reduce_op="mean")
-        result.moe = {
-            "aux_loss": float(reduced[1]) / world,
-            "balance_loss": float(reduced[2]) / world,
-            "z_loss": float(reduced[3]) / world,
-            "expert_load": load.tolist(),
-        }
+    result = StepResult(reduced["loss"] / world, reduced["grad_norm"] / world, finite, reduced["stop"] > 0)
+    if "expert_load" in reduced:
+        result.moe = {k: reduced[k] / world for k in ("aux_loss", "balance_loss", "z_loss")}
+        result.moe["expert_load"] = [[v / world for v in layer] for layer in reduced["expert_load"]]
     return result
 
 

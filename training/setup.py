@@ -14,6 +14,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
 
+from cpu_kernels import apply_cpu_kernels
 from model.attention import resolve_backend
 from model.checkpoint import check_same_shape, dcp_load, model_config, read_state, tokenizer_path
 from model.llama import Transformer
@@ -28,9 +29,7 @@ class TrainingError(RuntimeError):
 def launch(cfg: TrainConfig) -> Fabric:
     """Fabric with FSDP2 for every world size; under torchrun the process layout comes from its environment."""
     devices, nodes = torchrun_world() or (cfg.devices, cfg.num_nodes)
-    accelerator = cfg.accelerator
-    if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = resolve_accelerator(cfg)
     available = torch.cuda.device_count() if accelerator == "cuda" else os.cpu_count()
     if devices > available:
         raise ValueError(f"devices={devices} but this machine has {available} {accelerator} device(s)")
@@ -38,6 +37,10 @@ def launch(cfg: TrainConfig) -> Fabric:
         torch.set_num_threads(cfg.threads)
     if accelerator == "cpu":
         keep_freed_memory()
+    if accelerator == "cuda" and cfg.precision == "32-true":
+        # fp32 matmuls on TF32 tensor cores (10-bit mantissa products, fp32 accumulation), as every GPU trainer
+        # does: full-precision fp32 matmuls run several times slower and buy nothing measurable for training.
+        torch.set_float32_matmul_precision("high")
     strategy = ModelParallelStrategy(
         parallelize_fn=functools.partial(
             parallelize,
@@ -56,6 +59,12 @@ def launch(cfg: TrainConfig) -> Fabric:
         wait_for_master(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "0")), cfg)
     fabric.launch()
     return fabric
+
+
+def resolve_accelerator(cfg: TrainConfig) -> str:
+    if cfg.accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.accelerator
 
 
 def keep_freed_memory() -> None:
@@ -95,12 +104,33 @@ def check_attention(cfg: TrainConfig, device: torch.device) -> None:
     resolve_backend(cfg.model.attention, device, compute)
 
 
+def grouped_mm_fits(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the MoE experts run as torch._grouped_mm here, decided once for the run.
+
+    bf16 only: torch's CUDA kernel and its meta function (what torch.compile traces) accept nothing else. On CUDA
+    only Hopper (capability 9.x): that is the kernel torch tunes for; on Blackwell (10.x) a PyTorch report shows
+    wrong gradients for experts that received no tokens, and elsewhere (8.x, 12.x) torch runs a looped fallback
+    that syncs the host anyway. On a CPU torch's kernel keeps the reference MoE free of host syncs, so a compiled
+    block stays one graph (the cpu_kernels plug-in replaces it when enabled)."""
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cpu"
+
+
 def build_model(cfg: TrainConfig) -> Transformer:
-    """The same initial weights on every rank, whatever the world size: FSDP2 then keeps each rank's shard."""
+    """The same initial weights on every rank, whatever the world size: FSDP2 then keeps each rank's shard. On a
+    CPU with `cpu_kernels` on (the default), the CPU fast paths are swapped in."""
+    accelerator = resolve_accelerator(cfg)
+    device = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    compute = torch.float32 if cfg.precision == "32-true" else torch.bfloat16
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model, grouped_mm=grouped_mm_fits(device, compute))
     if cfg.init_from:
         load_initial_weights(model, Path(cfg.init_from))
+    if cfg.cpu_kernels and device.type == "cpu":
+        apply_cpu_kernels(model)
     return model.to(torch.bfloat16) if cfg.precision == "bf16-true" else model
 
 
