@@ -1,9 +1,9 @@
 """Time the trainer's own training step (model, FSDP2 sharding, optimizer) on synthetic tokens; one JSON line.
 
-    python -m eval.bench --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
-    python -m eval.bench --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
-    python -m eval.bench ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
-    python -m eval.bench ... --probe true      # then one profiled step: which attention kernels ran
+    python -m bench.step --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
+    python -m bench.step --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
+    python -m bench.step ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
+    python -m bench.step ... --probe true      # then one profiled step: which attention kernels ran
 
 One step is what train.py runs per optimizer step: forward, backward, gradient clipping, AdamW, over
 global_batch_size / (micro_batch_size x world) micro-batches. tokens_per_s = tokens per step / median step time.
@@ -186,7 +186,7 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cfg = parse_config(argv, prog="python -m eval.bench", extra_args=add_bench_args)
+        cfg = parse_config(argv, prog="python -m bench.step", extra_args=add_bench_args)
         check_init_from(cfg)
     except (ArgumentError, ValueError) as e:
         sys.exit(f"error: {e}".replace("\n", " "))
