@@ -107,7 +107,8 @@ def test_shape_mismatch_names_the_tensor(two, tmp_path):
     a, _ = two
     cfg = tiny_config(ffn_dim=96)
     wider = tmp_path / "wider"
-    save_weights(wider, Transformer(cfg).state_dict(), {"config": {"model": cfg.to_dict()}}, a / TOKENIZER)
+    state = {"config": {"model": cfg.to_dict()}, "weights_only": True}
+    save_weights(wider, Transformer(cfg).state_dict(), state, a / TOKENIZER)
     proc = run_module(["-m", "tools.average", str(a), str(wider), "--output", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [

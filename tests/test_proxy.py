@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data.sources import read_documents, stdlib_files
 from data.tokenizer import train_tokenizer
-from formats.checkpoint import TOKENIZER, checkpoint_name
+from formats.checkpoint import TOKENIZER, checkpoint_name, write_checksums
 from model.sampling import generate as decode
 from model.sampling import no_cache_step
 from tests.conftest import run_module, run_train
@@ -114,6 +114,7 @@ def test_tokenizer_mismatch_is_a_clear_error(trio, dataset, tmp_path):
     shutil.copytree(trio["anti"], stranger)
     docs = (doc for path in stdlib_files(packages=["json"]) for doc in read_documents(path))
     train_tokenizer(docs, 512, stranger / TOKENIZER)
+    write_checksums(stranger)  # another tokenizer, not a damaged file
     argv = ["--checkpoint", str(trio["base"]), "--expert", str(trio["expert"]), "--anti-expert", str(stranger)]
     proc = run_module(["-m", "tools.perplexity", *argv, "--data", str(dataset)], check=False)
     assert proc.returncode != 0
