@@ -22,7 +22,7 @@ from data.corpus import default_corpus
 from data.shards import DataError, read_manifest
 from data.stream import DataState, open_streams, train_loader
 from data.tokenizer import Tokenizer, file_sha256
-from model.checkpoint import CheckpointError, tokenizer_path
+from formats.checkpoint import CheckpointError, tokenizer_path
 from model.config import flops_per_token
 from model.sampling import generate, model_step
 from training.checkpoint import Checkpointer, load_training_state, resume_path

@@ -6,7 +6,7 @@ hand-written RMSNorm backward, batched-matmul attention for bf16, the MoE expert
 padded per-expert slices with gather-only dispatch and combine, and the loss with bf16 probabilities in CPU-sized
 chunks. Under torch.compile the MoE function breaks the block's graph (it reads the expert counts on the host),
 as the CPU path always did; per-block compilation still compiles the rest. Tools that load a checkpoint to score or
-decode (eval/, model/checkpoint.py load_model) build the reference model without it."""
+decode (tools/, formats/checkpoint.py load_model) build the reference model without it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The architecture as pure PyTorch modules, plus its weight formats."""
+"""The architecture as pure PyTorch modules: config, llama, attention, moe, loss, sampling."""
 
-from model.config import PRESETS, ModelConfig
+from model.config import ModelConfig
 from model.llama import ModelOutput, Transformer, count_parameters
 
-__all__ = ["PRESETS", "ModelConfig", "ModelOutput", "Transformer", "count_parameters"]
+__all__ = ["ModelConfig", "ModelOutput", "Transformer", "count_parameters"]

@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass plus named presets."""
+"""Model configuration: one dataclass (the named presets are configs/*.yaml, read by training/config.py
+model_preset)."""
 
 from __future__ import annotations
 
@@ -75,25 +76,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
         return cls(**d)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> ModelConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-
-_TINYLLAMA = dict(
-    n_layers=22, dim=2048, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab_size=32000, max_seq_len=2048,
-    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-)  # fmt: skip
-
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(),
-    "tiny-moe": ModelConfig(num_experts=8, top_k=2),
-    "tinyllama-1.1b": ModelConfig(**_TINYLLAMA),
-    "tinyllama-1.1b-moe": ModelConfig(**_TINYLLAMA, num_experts=8, top_k=2),
-}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

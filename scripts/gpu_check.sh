@@ -5,4 +5,4 @@
 # PYTHON selects the interpreter (default: python). Installs and downloads nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" -m eval.gpu_check "$@"
+exec "${PYTHON:-python}" -m bench.gpu_check "$@"

@@ -1,4 +1,4 @@
-"""model.average: weight averages of checkpoints, and the loss along the line between two."""
+"""tools.average: weight averages of checkpoints, and the loss along the line between two."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import perplexity
-from model import average, export
-from model.checkpoint import TOKENIZER, checkpoint_name, load_model, read_state, save_weights, write_checksums
+from formats import average, export
+from formats.checkpoint import TOKENIZER, checkpoint_name, load_model, read_state, save_weights, write_checksums
 from model.llama import Transformer
 from tests.conftest import run_module, run_train, tiny_config, train_losses
+from tools import average as average_tool
+from tools import perplexity
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -78,7 +79,7 @@ def test_weights_are_normalised(two, tmp_path):
 def test_bad_weights_are_refused(two, tmp_path, weights, message):
     a, b = two
     with pytest.raises(SystemExit) as exit_info:
-        average.main([str(a), str(b), "--weights", *map(str, weights), "--output", str(tmp_path / "x")])
+        average_tool.main([str(a), str(b), "--weights", *map(str, weights), "--output", str(tmp_path / "x")])
     assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
     assert not (tmp_path / "x").exists()
 
@@ -106,8 +107,9 @@ def test_shape_mismatch_names_the_tensor(two, tmp_path):
     a, _ = two
     cfg = tiny_config(ffn_dim=96)
     wider = tmp_path / "wider"
-    save_weights(wider, Transformer(cfg).state_dict(), {"config": {"model": cfg.to_dict()}}, a / TOKENIZER)
-    proc = run_module(["-m", "model.average", str(a), str(wider), "--output", str(tmp_path / "x")], check=False)
+    state = {"config": {"model": cfg.to_dict()}, "weights_only": True}
+    save_weights(wider, Transformer(cfg).state_dict(), state, a / TOKENIZER)
+    proc = run_module(["-m", "tools.average", str(a), str(wider), "--output", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
         f"error: {wider}: tensor layers.0.ffn.down_proj.weight has shape [64, 96], {a}'s has [64, 128]"
@@ -119,7 +121,7 @@ def test_interpolation_endpoints_are_the_two_models(two, dataset, tmp_path, caps
     plot = tmp_path / "line.png"
     capsys.readouterr()
     argv = ["--interpolate", str(a), str(b), "--data", str(dataset), "--points", "3", "--max-windows", "8"]
-    average.main([*argv, "--plot", str(plot)])
+    average_tool.main([*argv, "--plot", str(plot)])
     points = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["t"] for p in points] == [0.0, 0.5, 1.0]
     assert points[0]["loss"] == perplexity_loss(capsys, a, dataset, "--max-windows", "8")

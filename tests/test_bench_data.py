@@ -1,4 +1,4 @@
-"""eval.bench_data on a small corpus: every measurement is printed, the token counts agree, the loader outpaces the
+"""bench.data on a small corpus: every measurement is printed, the token counts agree, the loader outpaces the
 training step."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ TINY_BENCH = " ".join(
 
 def test_data_benchmark_prints_sane_numbers(tmp_path):
     proc = run_module(
-        ["-m", "eval.bench_data", "--packages", "email", "--vocab-size=512", "--shard-mb=0.25"]
+        ["-m", "bench.data", "--packages", "email", "--vocab-size=512", "--shard-mb=0.25"]
         + ["--loader-seconds=0.2", f"--bench-args={TINY_BENCH}", f"--work={tmp_path}"],
         timeout=120,
     )

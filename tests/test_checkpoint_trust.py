@@ -17,7 +17,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata
 
-from model.checkpoint import (
+from formats.checkpoint import (
     CHECKSUMS,
     METADATA,
     STATE_FILE,
@@ -33,7 +33,7 @@ from model.checkpoint import (
     tokenizer_path,
     write_checksums,
 )
-from model.export import export
+from formats.export import export
 from model.llama import Transformer
 from tests.conftest import run_module, run_train, tiny_config
 from training.checkpoint import Checkpointer, load_training_state
@@ -129,11 +129,11 @@ def test_no_command_runs_the_code_of_a_crafted_metadata(planted, dataset, tmp_pa
     args = {
         "resume": ["train.py", f"--data={dataset}", f"--out_dir={out}", "--max_steps=6"],
         "init_from": ["train.py", f"--data={dataset}", f"--out_dir={tmp_path}", f"--init_from={ckpt}"],
-        "export": ["-m", "model.export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")],
-        "perplexity": ["-m", "eval.perplexity", "--checkpoint", str(ckpt), "--data", str(dataset)],
-        "generate": ["-m", "eval.generate", "--checkpoint", str(ckpt), "--prompt", "def"],
-        "average": ["-m", "model.average", str(ckpt), older, "--output", str(tmp_path / "avg")],
-        "interpolate": ["-m", "model.average", "--interpolate", older, str(ckpt), "--data", str(dataset)],
+        "export": ["-m", "tools.export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")],
+        "perplexity": ["-m", "tools.perplexity", "--checkpoint", str(ckpt), "--data", str(dataset)],
+        "generate": ["-m", "tools.generate", "--checkpoint", str(ckpt), "--prompt", "def"],
+        "average": ["-m", "tools.average", str(ckpt), older, "--output", str(tmp_path / "avg")],
+        "interpolate": ["-m", "tools.average", "--interpolate", older, str(ckpt), "--data", str(dataset)],
     }[command]
     proc = run_train(args[1:], check=False) if args[0] == "train.py" else run_module(args, check=False)
     expect_error(proc, str(ckpt / METADATA), "refused to unpickle")
@@ -209,7 +209,7 @@ def test_damaged_shard_stops_resume_and_tools(run, dataset, tmp_path):
     flip_bytes(shard, shard.stat().st_size // 2)
     message = f"{step_dir(out, 4)}: damaged checkpoint, {SHARD} does not match its checksum"
     expect_error(run_train([f"--data={dataset}", f"--out_dir={out}", "--max_steps=6"], check=False), message)
-    ppl = ["-m", "eval.perplexity", "--checkpoint", str(step_dir(out, 4)), "--data", str(dataset)]
+    ppl = ["-m", "tools.perplexity", "--checkpoint", str(step_dir(out, 4)), "--data", str(dataset)]
     expect_error(run_module(ppl, check=False), message)
 
 
@@ -320,7 +320,7 @@ def test_empty_metadata_is_one_error_line(run, dataset, tmp_path):
     ckpt = shutil.copytree(step_dir(run, 4), tmp_path / checkpoint_name(4))
     (ckpt / METADATA).write_bytes(b"")
     (ckpt / CHECKSUMS).unlink()  # as in a checkpoint written before checksums: only the unpickler sees the damage
-    proc = run_module(["-m", "eval.perplexity", "--checkpoint", str(ckpt), "--data", str(dataset)], check=False)
+    proc = run_module(["-m", "tools.perplexity", "--checkpoint", str(ckpt), "--data", str(dataset)], check=False)
     expect_error(proc, f"{ckpt / METADATA}: damaged checkpoint metadata")
 
 

@@ -1,4 +1,4 @@
-"""eval.gpu_check's logic on the CPU: every section at tiny shapes, and each kind of failure reported as a row."""
+"""bench.gpu_check's logic on the CPU: every section at tiny shapes, and each kind of failure reported as a row."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import time
 
 import torch
 
-from eval import gpu_check
+from bench import gpu_check
 from tests.conftest import run_module
 
 
 def test_quick_cpu_check_runs_every_section(tmp_path):
-    proc = run_module(["-m", "eval.gpu_check", "--quick", "--device=cpu", f"--out={tmp_path}"], timeout=120)
+    proc = run_module(["-m", "bench.gpu_check", "--quick", "--device=cpu", f"--out={tmp_path}"], timeout=120)
     sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
     assert list(sections) == ["attention", "moe", "training"]
 
@@ -30,9 +30,9 @@ def test_quick_cpu_check_runs_every_section(tmp_path):
     training = sections["training"]
     assert [row["run"] for row in training] == ["dense, eager", "MoE, eager"]
     assert all(row["status"] == "ok" and row["tokens/s"] > 0 and 0 < row["MFU"] < 1 for row in training)
-    # bf16 on a CPU runs the model's batched-matmul attention, which is no SDPA kernel.
+    # bf16 on a CPU runs the CPU plug-in's batched-matmul attention, which is no SDPA kernel.
     assert [(row["block graphs"], row["attention"]) for row in training] == [
-        ("eager", "matmul: no SDPA or flash-attn operator")
+        ("eager", "cpu_kernels.attention: no SDPA or flash-attn operator")
     ] * 2
     assert (tmp_path / "gpu_check.md").read_text() in proc.stdout
 

@@ -15,12 +15,13 @@ import train
 from data.prepare import prepare
 from data.sources import stdlib_files
 from data.tokenizer import Tokenizer
-from model import export
-from model.checkpoint import STATE_FILE, TOKENIZER, checkpoint_name, load_model, write_checksums
-from model.hf import WEIGHTS_INDEX, check_config, config_from_hf, load_hf_weights
+from formats import export
+from formats.checkpoint import STATE_FILE, TOKENIZER, checkpoint_name, load_model, write_checksums
+from formats.hf import WEIGHTS_INDEX, check_config, config_from_hf, load_hf_weights
 from model.llama import Transformer
 from model.sampling import generate, model_step
 from tests.conftest import TINY_ARGS, read_metrics, run_module, run_train, tiny_config
+from tools import export as export_tool
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -46,7 +47,7 @@ def dense(dataset, tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint written by 2 processes, its fp32 export by the command line tool)."""
     root = tmp_path_factory.mktemp("dense")
     ckpt = train_checkpoint(root / "run", dataset, "--devices=2")
-    run_module(["-m", "model.export", f"--checkpoint={ckpt}", f"--output={root / 'hf'}", "--dtype=fp32"])
+    run_module(["-m", "tools.export", f"--checkpoint={ckpt}", f"--output={root / 'hf'}", "--dtype=fp32"])
     return ckpt, root / "hf"
 
 
@@ -221,7 +222,7 @@ def test_bad_checkpoints_are_one_line_errors(dense, tmp_path, damage, message):
     damage(ckpt)
     before = snapshot(ckpt)
     with pytest.raises(SystemExit) as exit_info:
-        export.main([f"--checkpoint={ckpt}", f"--output={tmp_path / 'hf'}"])
+        export_tool.main([f"--checkpoint={ckpt}", f"--output={tmp_path / 'hf'}"])
     assert str(exit_info.value.code).startswith("error: ") and "\n" not in exit_info.value.code
     assert message in exit_info.value.code
     assert snapshot(ckpt) == before and not (tmp_path / "hf").exists()
@@ -233,11 +234,11 @@ def test_existing_output_is_kept_unless_overwrite(dense, tmp_path):
     source = snapshot(ckpt)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "mine.txt").write_text("keep me")
-    proc = run_module(["-m", "model.export", f"--checkpoint={ckpt}", f"--output={tmp_path / 'hf'}"], check=False)
+    proc = run_module(["-m", "tools.export", f"--checkpoint={ckpt}", f"--output={tmp_path / 'hf'}"], check=False)
     assert proc.returncode != 0 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "exists and is not empty" in proc.stderr and (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
-    export.main([f"--checkpoint={ckpt}", f"--output={tmp_path / 'hf'}", "--overwrite"])
+    export_tool.main([f"--checkpoint={ckpt}", f"--output={tmp_path / 'hf'}", "--overwrite"])
     assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
     assert snapshot(ckpt) == source
     with pytest.raises(SystemExit, match="must lie outside the checkpoint"):
-        export.main([f"--checkpoint={ckpt}", f"--output={ckpt / 'hf'}"])
+        export_tool.main([f"--checkpoint={ckpt}", f"--output={ckpt / 'hf'}"])

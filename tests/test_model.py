@@ -11,17 +11,18 @@ import torch.nn.functional as F
 
 import cpu_kernels.attention
 from model.attention import attend, resolve_backend
-from model.config import PRESETS, ModelConfig
+from model.config import ModelConfig
 from model.llama import RMSNorm, Transformer, apply_rope, count_parameters, rope_tables
 from model.loss import linear_cross_entropy
 from model.sampling import generate, model_step, no_cache_step
 from tests.conftest import tiny_config
+from training.config import model_preset
 
 
 def test_tinyllama_parameter_count_on_meta_device():
-    total, active = count_parameters(PRESETS["tinyllama-1.1b"])
+    total, active = count_parameters(model_preset("tinyllama-1.1b"))
     assert total == active == 1_100_048_384
-    assert 1_000_000 < count_parameters(PRESETS["tiny"])[0] < 10_000_000
+    assert 1_000_000 < count_parameters(model_preset("tiny"))[0] < 10_000_000
 
 
 def test_causality_future_tokens_do_not_change_earlier_logits():

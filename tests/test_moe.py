@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import PRESETS
 from model.llama import count_parameters
 from model.moe import MoEFeedForward, Routing, expert_counts, route, router_stats
 from tests.conftest import read_metrics, run_train, tiny_config, train_losses
+from training.config import model_preset
 
 
 def naive_moe(ffn: MoEFeedForward, x_ND: torch.Tensor) -> torch.Tensor:
@@ -116,9 +116,9 @@ def test_z_loss_on_a_hand_computed_example():
 
 
 def test_moe_parameter_counts():
-    total, active = count_parameters(PRESETS["tinyllama-1.1b-moe"])
+    total, active = count_parameters(model_preset("tinyllama-1.1b-moe"))
     assert total == 6_429_272_064 and active == 1_861_675_008
-    tiny_total, tiny_active = count_parameters(PRESETS["tiny-moe"])
+    tiny_total, tiny_active = count_parameters(model_preset("tiny-moe"))
     expert = 3 * 256 * 688
     assert tiny_total - tiny_active == 4 * 6 * expert  # 6 of 8 experts idle per token, 4 layers
 

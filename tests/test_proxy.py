@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from data.sources import read_documents, stdlib_files
 from data.tokenizer import train_tokenizer
-from eval import generate, perplexity
-from eval.proxy import Scorer, load_scorer, proxy_logits
-from model.checkpoint import TOKENIZER, checkpoint_name, write_checksums
+from formats.checkpoint import TOKENIZER, checkpoint_name, write_checksums
 from model.sampling import generate as decode
 from model.sampling import no_cache_step
 from tests.conftest import run_module, run_train
+from tools import generate, perplexity
+from tools.proxy import Scorer, load_scorer, proxy_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -73,7 +73,7 @@ def test_combined_logits_are_the_direct_computation(trio, dataset, capsys):
     assert base.shape == expert.shape == anti.shape == (2, 24, 512)
     torch.testing.assert_close(scorer.logits(tokens), base + ALPHA * (expert - anti), rtol=0, atol=1e-5)
 
-    # eval.perplexity's proxy loss is the cross-entropy of those logits over the scored windows
+    # tools.perplexity's proxy loss is the cross-entropy of those logits over the scored windows
     windows = ["--data", str(dataset), "--max-windows", "6"]
     reported = printed_json(capsys, perplexity.main, [*proxy_args(trio), *windows])
     total, count = 0.0, 0
@@ -114,9 +114,9 @@ def test_tokenizer_mismatch_is_a_clear_error(trio, dataset, tmp_path):
     shutil.copytree(trio["anti"], stranger)
     docs = (doc for path in stdlib_files(packages=["json"]) for doc in read_documents(path))
     train_tokenizer(docs, 512, stranger / TOKENIZER)
-    write_checksums(stranger)  # a consistent checkpoint with another tokenizer, not a damaged one
+    write_checksums(stranger)  # another tokenizer, not a damaged file
     argv = ["--checkpoint", str(trio["base"]), "--expert", str(trio["expert"]), "--anti-expert", str(stranger)]
-    proc = run_module(["-m", "eval.perplexity", *argv, "--data", str(dataset)], check=False)
+    proc = run_module(["-m", "tools.perplexity", *argv, "--data", str(dataset)], check=False)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {stranger}: tokenizer differs"), proc.stderr

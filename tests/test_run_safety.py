@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import complete_checkpoints
+from formats.checkpoint import complete_checkpoints
 from tests.conftest import run_module, run_train, train_losses
 from tests.test_train import checkpoints, expect_error, resume_from, start_train, wait_for
 
@@ -211,10 +211,11 @@ def test_a_full_disk_keeps_an_older_manifest(monkeypatch, tmp_path):
 
 
 def test_export_on_a_full_disk_keeps_the_older_export(run_dir, monkeypatch, capsys, tmp_path):
-    import model.export
+    import formats.export
+    import tools.export
 
     checkpoint, output = run_dir / "checkpoints" / "step-00000002", tmp_path / "hf"
-    model.export.main(["--checkpoint", str(checkpoint), "--output", str(output), "--dtype=fp32"])
+    tools.export.main(["--checkpoint", str(checkpoint), "--output", str(output), "--dtype=fp32"])
     before = {p.name: p.read_bytes() for p in output.iterdir()}
     umask = os.umask(0o022)
     os.umask(umask)
@@ -224,19 +225,20 @@ def test_export_on_a_full_disk_keeps_the_older_export(run_dir, monkeypatch, caps
         Path(path).write_bytes(b"partial")
         raise ENOSPC
 
-    monkeypatch.setattr(model.export, "save_file", full_disk)
+    monkeypatch.setattr(formats.export, "save_file", full_disk)
     argv = ["--checkpoint", str(checkpoint), "--output", str(output), "--overwrite"]
-    message = tool_error(model.export.main, argv, capsys)
+    message = tool_error(tools.export.main, argv, capsys)
     assert "model.safetensors: no space left on device" in message and "nothing older was touched" in message
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging directory left
 
 
 def test_average_on_a_full_disk_keeps_the_older_average(run_dir, monkeypatch, capsys, tmp_path):
-    import model.average
+    import formats.average
+    import tools.average
 
     checkpoint, output = str(run_dir / "checkpoints" / "step-00000002"), tmp_path / "avg"
-    model.average.main([checkpoint, checkpoint, "--output", str(output)])
+    tools.average.main([checkpoint, checkpoint, "--output", str(output)])
     before = {p.name: p.read_bytes() for p in output.iterdir()}
 
     def full_disk(path, weights, state, tokenizer):
@@ -244,8 +246,8 @@ def test_average_on_a_full_disk_keeps_the_older_average(run_dir, monkeypatch, ca
         (Path(path) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(path) / "__0_0.distcp"))
 
-    monkeypatch.setattr(model.average, "save_weights", full_disk)
-    message = tool_error(model.average.main, [checkpoint, checkpoint, "--output", str(output), "--overwrite"], capsys)
+    monkeypatch.setattr(formats.average, "save_weights", full_disk)
+    message = tool_error(tools.average.main, [checkpoint, checkpoint, "--output", str(output), "--overwrite"], capsys)
     assert "__0_0.distcp: no space left on device" in message and "nothing older was touched" in message
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["avg"]
@@ -254,13 +256,13 @@ def test_average_on_a_full_disk_keeps_the_older_average(run_dir, monkeypatch, ca
 def test_export_rejects_a_bad_max_shard_size(run_dir, tmp_path):
     checkpoint = run_dir / "checkpoints" / "step-00000002"
     for size in ("0", "-5", "abc"):
-        proc = run_module(["-m", "model.export", f"--checkpoint={checkpoint}", f"--output={tmp_path / size}",
+        proc = run_module(["-m", "tools.export", f"--checkpoint={checkpoint}", f"--output={tmp_path / size}",
                            f"--max-shard-size={size}"], check=False)  # fmt: skip
         assert proc.returncode != 0 and "argument --max-shard-size" in last_error_line(proc.stderr)
 
 
 def test_generate_rejects_bad_sampling_values(run_dir, capsys):
-    from eval.generate import main
+    from tools.generate import main
 
     checkpoint = str(run_dir / "checkpoints" / "step-00000002")
     for flag in ("--top-k=-5", "--temperature=-1", "--max-new-tokens=-3", "--top-p=0"):
@@ -271,7 +273,7 @@ def test_generate_rejects_bad_sampling_values(run_dir, capsys):
 
 
 def test_perplexity_of_an_empty_text_file_is_an_error(run_dir, capsys, tmp_path):
-    from eval.perplexity import main
+    from tools.perplexity import main
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")

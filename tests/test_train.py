@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import COMPLETE, complete_checkpoints
+from formats.checkpoint import COMPLETE, complete_checkpoints
 from tests.conftest import REPO, TINY_ARGS, read_metrics, run_train, subprocess_env, train_losses
 
 STEPS = ["--max_steps=6", "--save_every=3", "--keep_last=0", "--eval_every=3"]

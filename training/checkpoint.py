@@ -1,11 +1,11 @@
-"""Sharded, crash-safe training checkpoints with torch.distributed.checkpoint (format: model/checkpoint.py).
+"""Sharded, crash-safe training checkpoints with torch.distributed.checkpoint (format: formats/checkpoint.py).
 
 Every rank writes its own shards into a temporary directory; rank 0 then writes the JSON state, the checksums of
 every file and the COMPLETE marker, and renames the directory to `step-NNNNNNNN`. A run killed at any moment leaves
 at worst a temporary directory, which `resume: auto` never picks and the next save clears away (a directory at the
 final name without COMPLETE is removed before the rename). A save that runs out of disk space is one error naming
 the checkpoint; its temporary directory is removed and older checkpoints are left as they were. Loading verifies
-the checksums before anything is read (model/checkpoint.py dcp_load).
+the checksums before anything is read (formats/checkpoint.py dcp_load).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from model.checkpoint import (
+from formats.checkpoint import (
     COMPLETE,
     CheckpointError,
     check_same_shape,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from model.config import ModelConfig
@@ -134,6 +135,15 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra_ar
         if key.split(".")[0] not in fields | {"config", "__path__"}:
             setattr(cfg, key, namespace[key])
     return cfg
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The model of configs/NAME.yaml (its `model:` section; the one place the presets' numbers are written)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ValueError(f"{path}: no such model preset {name!r}; choose from {names}")
+    return ModelConfig.from_dict(yaml.safe_load(path.read_text())["model"])
 
 
 def torchrun_world() -> tuple[int, int] | None:

@@ -58,7 +58,7 @@ def bf16_peak_by_name(name: str) -> float | None:
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak where it is known (CPU peaks are measured by eval.bench instead); for an
+    """The device's dense bf16 peak where it is known (CPU peaks are measured by bench.step instead); for an
     unknown GPU, None and a one-line notice, so that no wrong MFU is logged."""
     if device.type != "cuda":
         return None

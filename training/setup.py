@@ -15,8 +15,8 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
 
 from cpu_kernels import apply_cpu_kernels
+from formats.checkpoint import check_same_shape, dcp_load, model_config, read_state, tokenizer_path
 from model.attention import resolve_backend
-from model.checkpoint import check_same_shape, dcp_load, model_config, read_state, tokenizer_path
 from model.llama import Transformer
 from training.config import TrainConfig, torchrun_world
 from training.parallelize import parallelize
@@ -145,7 +145,7 @@ def check_init_from(cfg: TrainConfig) -> None:
         return
     path = Path(cfg.init_from)
     if is_hf_dir(path):
-        from model.hf import check_config
+        from formats.hf import check_config
 
         check_config(cfg.model, path)
     else:
@@ -162,7 +162,7 @@ def init_from_tokenizer(cfg: TrainConfig) -> Path | None:
 def load_initial_weights(model: Transformer, path: Path) -> None:
     """Start from the weights of a Hugging Face model directory or of one of our checkpoints (fine-tuning)."""
     if is_hf_dir(path):
-        from model.hf import load_hf_weights
+        from formats.hf import load_hf_weights
 
         load_hf_weights(model, path)
         return

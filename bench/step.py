@@ -1,9 +1,9 @@
 """Time the trainer's own training step (model, FSDP2 sharding, optimizer) on synthetic tokens; one JSON line.
 
-    python -m eval.bench --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
-    python -m eval.bench --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
-    python -m eval.bench ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
-    python -m eval.bench ... --probe true      # then one profiled step: which attention kernels ran
+    python -m bench.step --config configs/tiny.yaml [--key value ...] --steps 20 [--warmup 5]
+    python -m bench.step --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
+    python -m bench.step ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
+    python -m bench.step ... --probe true      # then one profiled step: which attention kernels ran
 
 One step is what train.py runs per optimizer step: forward, backward, gradient clipping, AdamW, over
 global_batch_size / (micro_batch_size x world) micro-batches. tokens_per_s = tokens per step / median step time.
@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 from jsonargparse import ArgumentError
 
-from model.attention import resolve_backend
+from model.attention import attend, resolve_backend
 from model.config import flops_per_token
-from model.llama import count_parameters
+from model.llama import Attention, count_parameters
 from training.config import TrainConfig, parse_config
 from training.loop import make_optimizer, train_step
 from training.metrics import device_peak_flops
@@ -93,6 +93,15 @@ def attention_kernels(prof: torch.profiler.profile) -> list[str]:
     return [label for label, marks in ATTENTION_EVENTS.items() if any(m in n for n in names for m in marks)]
 
 
+def attention_in_use(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> str:
+    """The attention the model runs: a device plug-in's own function (cpu_kernels' matmul attention) by its
+    module, else the reference backend resolved for this device and dtype."""
+    attention = next(m for m in model.modules() if isinstance(m, Attention))
+    if attention.attend_fn is not attend:
+        return attention.attend_fn.__module__
+    return resolve_backend(cfg.model.attention, device, compute_dtype(cfg.precision))
+
+
 def compile_counts() -> dict:
     """What torch.compile made of the blocks in this process: graphs compiled, graph breaks and the first reason."""
     from torch._dynamo.utils import counters
@@ -155,7 +164,7 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
         if fabric.global_rank == 0:
             print(table, file=sys.stderr)
     if cfg.probe:
-        record["attention_backend"] = resolve_backend(cfg.model.attention, fabric.device, compute_dtype(cfg.precision))
+        record["attention_backend"] = attention_in_use(model, cfg, fabric.device)
         record["attention_kernels"] = attention_kernels(profiled(step, PROBED_STEPS))
 
     step_s = statistics.median(times)
@@ -186,7 +195,7 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cfg = parse_config(argv, prog="python -m eval.bench", extra_args=add_bench_args)
+        cfg = parse_config(argv, prog="python -m bench.step", extra_args=add_bench_args)
         check_init_from(cfg)
     except (ArgumentError, ValueError) as e:
         sys.exit(f"error: {e}".replace("\n", " "))

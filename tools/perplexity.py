@@ -1,6 +1,6 @@
 """Held-out loss and perplexity of a checkpoint (or of a proxy-tuned combination); one JSON line.
 
-    python -m eval.perplexity --checkpoint DIR (--data DIR | --text-file FILE) [--expert DIR --anti-expert DIR]
+    python -m tools.perplexity --checkpoint DIR (--data DIR | --text-file FILE) [--expert DIR --anti-expert DIR]
 
 --data scores the validation split of a prepared dataset in windows of the model's context (--seq-len to change);
 --text-file scores the tokenizer's encoding of the file with BOS first. loss is the mean next-token cross-entropy
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from data.shards import DataError
 from data.stream import TokenStream, val_batches
 from data.tokenizer import Tokenizer
-from eval.proxy import Scorer, add_model_args, load_scorer
-from model.checkpoint import CheckpointError
+from formats.checkpoint import CheckpointError
+from tools.proxy import Scorer, add_model_args, load_scorer
 
 BATCH_SIZE = 4
 ALL_WINDOWS = 1 << 30

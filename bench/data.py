@@ -1,7 +1,7 @@
 """Data-path throughput: data.prepare's tokenizing against sentencepiece alone, and the training loader against what
 a training step consumes. One JSON line per measurement, then a markdown table.
 
-    python -m eval.bench_data [--packages email json ...] [--vocab-size 8192 | --tokenizer FILE] [--workers 1 2]
+    python -m bench.data [--packages email json ...] [--vocab-size 8192 | --tokenizer FILE] [--workers 1 2]
 
 The corpus is the local Python standard library (data.sources.stdlib_files; --packages keeps only those packages).
 The tokenizer is trained first, on its own row, unless --tokenizer is given, so the prepare rows only tokenize:
@@ -9,7 +9,7 @@ The tokenizer is trained first, on its own row, unless --tokenizer is given, so 
                  so that several groups run in parallel: MB/s of input text and tokens/s, file reading and shard
                  writing included.
   sentencepiece  SentencePieceProcessor.encode on the whole list of documents (already read), 1 and 2 threads.
-  step           what training consumes: eval.bench's tokens/s with --bench-args on this machine, and at the 1.1B
+  step           what training consumes: bench.step's tokens/s with --bench-args on this machine, and at the 1.1B
                  shapes the bound of one H200 at 100% MFU (its bf16 peak over the training FLOPs per token).
   loader         data.stream.train_loader (0 and 1 worker processes) on the prepared data at the tiny shapes
                  (8 x 256) and the 1.1B shapes (8 x 2048), for --loader-seconds each. `headroom` is its tokens/s over
@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.tables import markdown_table
 from data.prepare import plan_groups, prepare, resolve_tokenizer
 from data.sources import read_documents, stdlib_files
 from data.tokenizer import Tokenizer
-from eval.tables import markdown_table
 
 # torch is imported only inside the functions that need it: prepare's worker processes are spawned, re-import this
 # module, and would otherwise pay torch's import time inside the measured prepare runs.
@@ -94,15 +94,15 @@ def time_sentencepiece(tok: Tokenizer, docs: list[str], threads: int, prepared_t
 
 
 def time_training_step(bench_args: str) -> dict:
-    """eval.bench in a subprocess (it sets up Fabric and a process group of its own)."""
-    args = [sys.executable, "-m", "eval.bench", *shlex.split(bench_args)]
+    """bench.step in a subprocess (it sets up Fabric and a process group of its own)."""
+    args = [sys.executable, "-m", "bench.step", *shlex.split(bench_args)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args[1:])} failed:\n{proc.stderr[-2000:]}")
     bench = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
         "stage": "step",
-        "what": f"training step on {bench['device']}: eval.bench {bench_args}",
+        "what": f"training step on {bench['device']}: bench.step {bench_args}",
         "tokens/s": bench["tokens_per_s"],
         "note": f"{bench['batch_size']} x {bench['seq_len']}, {bench['params_total'] / 1e6:.1f}M params, "
         f"{bench['precision']}, {bench['steps']} steps",
@@ -110,11 +110,12 @@ def time_training_step(bench_args: str) -> dict:
 
 
 def gpu_step_bound() -> dict:
-    from model.config import ModelConfig, flops_per_token
+    from model.config import flops_per_token
+    from training.config import model_preset
     from training.metrics import GPU_BF16_PEAK
 
     seq_len = LOADER_SHAPES["1.1B"][0]
-    per_token = flops_per_token(ModelConfig.from_name("tinyllama-1.1b"), seq_len)
+    per_token = flops_per_token(model_preset("tinyllama-1.1b"), seq_len)
     peak = GPU_BF16_PEAK["NVIDIA H200"]
     return {
         "stage": "step",
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m eval.bench_data",
+        prog="python -m bench.data",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
@@ -189,12 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--bench-args",
         default="--config=configs/tiny.yaml --steps=2 --warmup=1",
-        help="eval.bench's flags for the training step that the tiny-shape loader feeds",
+        help="bench.step's flags for the training step that the tiny-shape loader feeds",
     )
     p.add_argument("--loader-seconds", type=float, default=2.0, help="time spent drawing batches per loader row")
     p.add_argument("--work", help="directory for the tokenizer and prepared shards (default: a temporary one)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         records = run(args, Path(args.work or tmp))
     print(markdown_table(records, COLUMNS), flush=True)
 

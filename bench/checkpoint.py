@@ -1,6 +1,6 @@
 """Time checkpoint saves of the trainer's own model and optimizer: synchronous against asynchronous.
 
-    python -m eval.bench_checkpoint --config FILE [--key value ...] [--saves 3] [--devices N]
+    python -m bench.checkpoint --config FILE [--key value ...] [--saves 3] [--devices N]
 
 For each mode, one process group trains a step, then saves `--saves` times through training/checkpoint.py's
 Checkpointer (a real checkpoint directory under a temporary folder). `stall_s` is how long training waits in
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import complete_checkpoints
+from formats.checkpoint import complete_checkpoints
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig, parse_config
 from training.loop import make_optimizer, train_step
@@ -55,7 +55,7 @@ def time_saves(cfg: TrainConfig, fabric, model, optimizer, batches, async_save: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv, prog="python -m eval.bench_checkpoint", extra_args=add_args)
+    cfg = parse_config(argv, prog="python -m bench.checkpoint", extra_args=add_args)
     fabric = launch(cfg)
     model = fabric.setup_module(build_model(cfg))
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model.checkpoint import CheckpointError
+from formats.checkpoint import CheckpointError
 from model.config import ModelConfig
 from model.llama import Transformer
 

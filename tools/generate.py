@@ -1,6 +1,6 @@
 """Generate text from a checkpoint (or a proxy-tuned combination) with KV-cache decoding.
 
-    python -m eval.generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+    python -m tools.generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
         [--top-p P] [--seed S] [--json] [--expert DIR --anti-expert DIR --alpha A]
 
 Temperature 0 is greedy. The prompt is encoded with BOS first, as in training.
@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from eval.proxy import add_model_args, load_scorer
-from model.checkpoint import CheckpointError
+from formats.checkpoint import CheckpointError
 from model.sampling import generate
+from tools.proxy import add_model_args, load_scorer
 
 
 def positive_int(text: str) -> int:

@@ -1,7 +1,7 @@
 """One-GPU check of the fast paths: attention backends agree, 1.1B training-step speed, grouped-matmul MoE agrees.
 
     bash scripts/gpu_check.sh [--out DIR] [--sections attention,moe,training] [--budget SECONDS]
-    python -m eval.gpu_check --quick --device cpu      # every section at tiny shapes: a smoke test of this script
+    python -m bench.gpu_check --quick --device cpu      # every section at tiny shapes: a smoke test of this script
 
 Sections (each runs on its own: an error, e.g. out of memory, becomes a row of the table and the rest go on):
   attention  model.attention.attend in bf16 on each backend (flash-attn 2 if installed, SDPA's flash, efficient,
@@ -10,7 +10,7 @@ Sections (each runs on its own: an error, e.g. out of memory, becomes a row of t
   moe        one TinyLlama-1.1B-MoE layer (8 x 2048 tokens, dim 2048, ffn 5632, 8 experts, top-2), forward and
              backward: grouped matmul (torch._grouped_mm) and the looped experts in bf16 against the looped experts
              in fp32; also which path training.setup.grouped_mm_fits picks here.
-  training   `python -m eval.bench` (the trainer's own step: Fabric, FSDP2, AdamW) for configs/tinyllama-1.1b.yaml
+  training   `python -m bench.step` (the trainer's own step: Fabric, FSDP2, AdamW) for configs/tinyllama-1.1b.yaml
              and configs/tinyllama-1.1b-moe.yaml at micro-batch 8 x 2048 in bf16-mixed, eager then per-block
              compiled; each run is a subprocess with the time left in --budget, so a crash or a slow compile cannot
              take the other rows down. The MoE (6.4B parameters, 103 GB of fp32 weights, gradients and AdamW state)
@@ -46,10 +46,11 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eval.tables import markdown_table
+from bench.tables import markdown_table
 from model.attention import attend, flash_unavailable_reason
 from model.config import ModelConfig
 from model.moe import MoEFeedForward
+from training.config import model_preset
 from training.metrics import device_peak_flops
 from training.setup import grouped_mm_fits
 
@@ -107,7 +108,7 @@ def _runs(dense: str, moe: str, compiled: bool) -> tuple[TrainRun, ...]:
 
 FULL = Plan(
     attention=AttentionShape(batch=2, seq=2048, heads=32, kv_heads=4, head_dim=64),
-    moe=ModelConfig.from_name("tinyllama-1.1b-moe"),
+    moe=model_preset("tinyllama-1.1b-moe"),
     moe_batch=(8, 2048),
     train_args=("--precision=bf16-mixed", "--seq_len=2048", "--micro_batch_size=8", "--global_batch_size=8"),
     train_runs=_runs("configs/tinyllama-1.1b.yaml", "configs/tinyllama-1.1b-moe.yaml", compiled=True),
@@ -386,7 +387,7 @@ def check_training(plan: Plan, device: torch.device, deadline: float, steps: int
         if left < 30:
             rows.append({**row, "status": f"skipped: time budget spent ({left:.0f} s left)"})
             continue
-        args = [sys.executable, "-m", "eval.bench", *run.flags(), *plan.train_args]
+        args = [sys.executable, "-m", "bench.step", *run.flags(), *plan.train_args]
         args += [f"--accelerator={device.type}", f"--steps={steps}", f"--warmup={warmup}", "--probe=true"]
         log(f"training: {run.name} (up to {left:.0f} s): {' '.join(args[1:])}")
         code, out, err = run_subprocess(args, timeout=left)
@@ -448,7 +449,7 @@ def markdown(env: dict, results: dict[str, list[dict]], plan: Plan) -> str:
     notes = {
         "attention": f"{plan.attention}, causal; bf16 against the fp32 math kernel",
         "moe": f"one MoE layer, {plan.moe_batch[0]}x{plan.moe_batch[1]} tokens, bf16 vs fp32 looped experts",
-        "training": "python -m eval.bench " + " ".join(plan.train_args) + " (AC: activation checkpointing)",
+        "training": "python -m bench.step " + " ".join(plan.train_args) + " (AC: activation checkpointing)",
     }
     for section, rows in results.items():
         lines += [f"## {section}: {notes[section]}", "", markdown_table(rows, COLUMNS[section]), ""]
@@ -473,7 +474,7 @@ def run_section(section: str, plan: Plan, device: torch.device, args: argparse.N
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m eval.gpu_check",
+        prog="python -m bench.gpu_check",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )

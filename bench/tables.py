@@ -1,4 +1,4 @@
-"""Markdown tables of measurement records, shared by the benchmark tools."""
+"""Markdown tables of measurement records, shared by the benchmarks (bench/) and the experiments (experiments/)."""
 
 from __future__ import annotations
 

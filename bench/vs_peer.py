@@ -1,10 +1,10 @@
 """Training speed and memory against a peer trainer on the same shapes, alternating runs in one session.
 
-    python -m eval.bench_vs_peer --peer ../shared/peers/hf_train.py --shape tiny --precision bf16-true [--rounds 3]
-        [--moe] [any eval.bench flag, e.g. --compile true]
+    python -m bench.vs_peer --peer ../shared/peers/hf_train.py --shape tiny --precision bf16-true [--rounds 3]
+        [--moe] [any bench.step flag, e.g. --compile true]
 
 The peer is transformers' LlamaForCausalLM (MixtralForCausalLM with --moe) trained by the peer script with the same
-layers, widths, vocabulary, sequence length, batch, dtype and threads; ours is `python -m eval.bench` with one
+layers, widths, vocabulary, sequence length, batch, dtype and threads; ours is `python -m bench.step` with one
 optimizer step per batch. Runs alternate (ours, peer, ours, ...) so that both see the same machine load; the table
 gives each side's median tokens/s and peak RSS over the rounds, and the ratio of the medians.
 """
@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 
-from eval.tables import markdown_table
+from bench.tables import markdown_table
 
 SHAPES = {  # layers, dim, heads, kv heads, ffn, vocab, seq, batch
     "tiny": (4, 256, 8, 2, 688, 8192, 256, 8),
@@ -30,7 +30,7 @@ def ours_args(shape: tuple, precision: str, moe: bool, threads: int, steps: int,
     layers, dim, heads, kv, ffn, vocab, seq, batch = shape
     config = "configs/tiny-moe.yaml" if moe else "configs/tiny.yaml"
     return [
-        "-m", "eval.bench", f"--config={config}", f"--model.n_layers={layers}", f"--model.dim={dim}",
+        "-m", "bench.step", f"--config={config}", f"--model.n_layers={layers}", f"--model.dim={dim}",
         f"--model.n_heads={heads}", f"--model.n_kv_heads={kv}", f"--model.ffn_dim={ffn}", f"--model.vocab_size={vocab}",
         f"--model.max_seq_len={seq}", f"--seq_len={seq}", f"--micro_batch_size={batch}", f"--global_batch_size={batch}",
         f"--precision={precision}", f"--threads={threads}", f"--steps={steps}", f"--warmup={warmup}",

@@ -1,0 +1,1 @@
+"""User commands: perplexity, generate (with proxy-tuning, proxy), export and average (CLIs over formats/)."""
