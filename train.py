@@ -84,8 +84,9 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
     datasets = resolve_datasets(cfg, fabric)
     tokenizer = datasets_tokenizer(datasets)
     start_from = resume_path(cfg.resume, out_dir)
-    if start_from is not None and tokenizer_path(start_from) is not None:
-        check_same_tokenizer(datasets, tokenizer_path(start_from), "the checkpoint resumed")
+    resumed_tokenizer = tokenizer_path(start_from) if start_from is not None else None  # checksum-verified once
+    if resumed_tokenizer is not None:
+        check_same_tokenizer(datasets, resumed_tokenizer, "the checkpoint resumed")
     check_attention(cfg, fabric.device)
 
     model = fabric.setup_module(build_model(cfg))
