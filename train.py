@@ -28,17 +28,9 @@ from model.sampling import generate, model_step
 from training.checkpoint import Checkpointer, load_training_state, resume_path
 from training.config import TrainConfig, parse_config
 from training.lock import out_dir_lock
-from training.loop import (
-    Progress,
-    StopOnSignal,
-    evaluate,
-    lr_at,
-    make_optimizer,
-    set_lr,
-    skip_or_stop,
-    train_step,
-)
+from training.loop import Progress, StopOnSignal, evaluate, skip_or_stop, train_step
 from training.metrics import MetricsLogger, Throughput, device_peak_flops
+from training.optim import lr_at, make_optimizer, set_lr
 from training.setup import (
     TrainingError,
     build_model,
@@ -123,7 +115,7 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
         if progress.step == 0 and cfg.eval_every:
             logger.log(0, evaluate(fabric, model, val_streams, weights, cfg))
         while progress.step < cfg.max_steps:
-            lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps))
+            lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps), cfg.optim)
             started = time.perf_counter()
             result = train_step(
                 fabric,

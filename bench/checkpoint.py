@@ -22,7 +22,8 @@ import torch
 from formats.checkpoint import complete_checkpoints
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig, parse_config
-from training.loop import make_optimizer, train_step
+from training.loop import train_step
+from training.optim import make_optimizer
 from training.setup import build_model, launch
 
 

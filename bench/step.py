@@ -29,8 +29,9 @@ from model.attention import attend, resolve_backend
 from model.config import flops_per_token
 from model.llama import Attention, count_parameters
 from training.config import TrainConfig, parse_config
-from training.loop import make_optimizer, train_step
+from training.loop import train_step
 from training.metrics import device_peak_flops
+from training.optim import make_optimizer
 from training.setup import build_model, check_init_from, launch
 
 

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from training.config import TrainConfig
-from training.loop import make_optimizer, train_step
+from training.loop import train_step
+from training.optim import make_optimizer
 from training.setup import build_model, launch
 
 

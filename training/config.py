@@ -20,16 +20,38 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay; the schedule counts optimizer steps."""
+    """The optimizer (training/optim.py) and its learning-rate schedule, which counts optimizer steps."""
 
-    lr: float = 4e-4
-    min_lr: float = 4e-5
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the hidden matrices, AdamW on the rest
+    lr: float = 4e-4  # AdamW's peak learning rate
+    min_lr: float = 4e-5  # where the decay ends
     warmup_steps: int = 2000
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # AdamW's, and Muon's (decoupled in both)
     grad_clip: float = 1.0
+    muon_lr: float | None = None  # Muon's peak learning rate (default: lr; the update is scaled to AdamW's RMS)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warm-up, constant lr, then a decay over the last steps
+    decay_fraction: float = 0.2  # wsd: the fraction of max_steps that decays, in (0, 1]
+    decay_steps: int | None = None  # wsd: decay over exactly this many final steps instead (a decay branch's length)
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd: lr falls as 1 - progress, or 1 - sqrt(progress)
+
+    def validate(self) -> None:
+        for key in ("lr", "muon_lr"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"optim.{key} must be positive, got {getattr(self, key)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ValueError(f"optim.decay_steps must be positive, got {self.decay_steps}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_ns_steps <= 0:
+            raise ValueError(f"optim.muon_ns_steps must be positive, got {self.muon_ns_steps}")
 
 
 @dataclass
@@ -91,6 +113,7 @@ class TrainConfig:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.datasets is not None and any(w <= 0 for w in self.datasets.values()):
             raise ValueError(f"data weights must be positive, got {self.datasets}")
+        self.optim.validate()
 
     def grad_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step: the global batch is global, over every rank of every node."""

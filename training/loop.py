@@ -1,5 +1,5 @@
-"""The pieces of one training run that train.py strings together: optimizer and schedule, one optimizer step,
-evaluation, the run's progress counters and the stop-signal flag."""
+"""The pieces of one training run that train.py strings together: one optimizer step, evaluation, the run's
+progress counters and the stop-signal flag (the optimizer and its schedule: training/optim.py)."""
 
 from __future__ import annotations
 
@@ -14,34 +14,8 @@ from lightning.fabric import Fabric
 
 from data.stream import DataState, TokenStream, val_batches
 from model.loss import IGNORE_INDEX
-from training.config import OptimConfig, TrainConfig
+from training.config import TrainConfig
 from training.setup import TrainingError
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; matrices and embeddings decay, norm gains do not. Fused kernels on CUDA and CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type in ("cuda", "cpu")
-    )
-
-
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warm-up over `warmup_steps` optimizer steps, then cosine decay to `min_lr` at `max_steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 @dataclass
