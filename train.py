@@ -85,7 +85,7 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
     progress = Progress(DataState(cfg.seed, per_dataset=[0] * len(datasets)))
     if start_from is not None:
-        progress.load_state_dict(load_training_state(start_from, cfg.model, model, optimizer))
+        progress.load_state_dict(load_training_state(start_from, cfg.model, model, optimizer, cfg.optim.name))
         fabric.print(f"resumed from {start_from} at step {progress.step}")
 
     accum = cfg.grad_accumulation(fabric.world_size)

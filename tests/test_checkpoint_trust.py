@@ -313,7 +313,7 @@ def test_save_on_a_full_disk_is_one_error_and_leaves_older_checkpoints(tmp_path,
     )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint_name(2)]
     monkeypatch.undo()
-    assert load_training_state(step_dir(tmp_path, 2), tiny_config(), model, optimizer)["step"] == 2
+    assert load_training_state(step_dir(tmp_path, 2), tiny_config(), model, optimizer, "adamw")["step"] == 2
 
 
 def test_empty_metadata_is_one_error_line(run, dataset, tmp_path):

@@ -12,8 +12,8 @@ from jsonargparse import ArgumentError
 from model.llama import Transformer
 from tests.conftest import run_module, tiny_config
 from tests.test_train import free_port
-from training.config import OptimConfig, parse_config
-from training.optim import decay_steps, lr_at, make_optimizer, newton_schulz, set_lr
+from training.config import OptimConfig, parse_config, wsd_decay_steps
+from training.optim import lr_at, make_optimizer, newton_schulz, set_lr
 
 CPU = torch.device("cpu")
 
@@ -161,7 +161,7 @@ def test_cosine_schedule():
 @pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
 def test_wsd_schedule(shape):
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=0.2, decay_shape=shape)
-    assert decay_steps(cfg, 100) == 20
+    assert wsd_decay_steps(cfg, 100) == 20
     assert [lr_at(s, cfg, 100) for s in (0, 9, 10, 50, 79)] == [0.1, 1.0, 1.0, 1.0, 1.0]
     remaining = {"linear": lambda p: 1 - p, "1-sqrt": lambda p: 1 - math.sqrt(p)}[shape]
     for step in (80, 89, 95):

@@ -125,13 +125,16 @@ def resume_path(resume: str, out_dir: Path) -> Path | None:
 
 
 def load_training_state(
-    path: Path, cfg_model: ModelConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, cfg_model: ModelConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_name: str
 ) -> dict:
     """Restore model and optimizer in place (resharding to this world size) and return the JSON state."""
     state = read_state(path)
     check_same_shape(cfg_model, model_config(state), path)
     if state.get("weights_only"):
         raise CheckpointError(f"{path}: holds weights only (no optimizer state); it cannot be resumed")
+    saved_name = state["config"].get("optim", {}).get("name", "adamw")
+    if saved_name != optim_name:
+        raise CheckpointError(f"{path}: written by optim.name {saved_name}, this run has {optim_name}")
     shards = training_state(model, optimizer)
     dcp_load(shards, path)
     set_model_state_dict(model, shards["model"])

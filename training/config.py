@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from typing import Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from formats.checkpoint import check_same_shape, complete_checkpoints, model_config, read_state
 from model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -73,6 +76,9 @@ class TrainConfig:
     async_save: bool = False
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | PATH
     init_from: str | None = None  # initial weights: a Hugging Face Llama/Mixtral directory or a checkpoint
+    # A decay branch: continue this checkpoint's wsd run (its config, data order, optimizer state and step count)
+    # in a new out_dir for optim.decay_steps more steps (default: the run's own decay length), decaying to min_lr.
+    branch_from: str | None = None
     devices: int = 1  # processes per node
     num_nodes: int = 1
     dist_timeout: int = 1800  # seconds to wait for the other processes (rendezvous, collectives)
@@ -145,19 +151,68 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra_ar
     `extra_args(parser)` may add a tool's own flags; their values are set as attributes on the returned config.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    origin = branch_origin(argv)
+    if origin is not None:  # the run branched from is the base; the command line overrides it
+        saved = {k: v for k, v in origin["config"].items() if k != "config_name"}
+        argv = ["--config", json.dumps(saved), *argv]
+    elif not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     parser = _parser(prog)
     if extra_args is not None:
         extra_args(parser)
     namespace = parser.instantiate(parser.parse_args(argv))
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"config_name"}
-    cfg = TrainConfig(**{k: namespace[k] for k in fields}, config_name=Path(str(namespace.config[0])).stem)
+    name = origin["config"]["config_name"] if origin else Path(str(namespace.config[0])).stem
+    cfg = TrainConfig(**{k: namespace[k] for k in fields}, config_name=name)
     cfg.validate()
+    if origin is not None:
+        make_branch(cfg, origin)
     for key in namespace.keys():
         if key.split(".")[0] not in fields | {"config", "__path__"}:
             setattr(cfg, key, namespace[key])
     return cfg
+
+
+def branch_origin(argv: list[str]) -> dict | None:
+    """The checked JSON state of the `--branch_from` checkpoint, if the command line names one."""
+    flag = argparse.ArgumentParser(add_help=False)
+    flag.add_argument("--branch_from")
+    path = flag.parse_known_args(argv)[0].branch_from
+    return None if path is None else read_state(path)
+
+
+def make_branch(cfg: TrainConfig, origin: dict) -> None:
+    """Turn `cfg` (the origin's config with the command line's overrides) into a decay branch of the checkpoint:
+    resumed from it (or from the branch's own newest checkpoint when run again), decaying over its last
+    optim.decay_steps steps (default: as many as the run's own decay). The branch from step S for N steps is the
+    run that was set from the start to decay over steps S+1..S+N, so the origin must still be in its stable phase
+    at S: a wsd run, past warm-up, before its decay. The origin's directory is only read."""
+    path, step = Path(cfg.branch_from), origin["step"]
+    if cfg.out_dir is None or Path(cfg.out_dir).resolve() == path.resolve().parent.parent:
+        raise ValueError(f"--branch_from {path} needs an --out_dir of its own, not the run it branches from")
+    run = OptimConfig(**{k: v for k, v in origin["config"]["optim"].items() if k in OptimConfig.__annotations__})
+    if run.schedule != "wsd":
+        raise ValueError(f"{path}: a decay branch continues a wsd run; this run's optim.schedule is {run.schedule}")
+    stable_end = origin["config"]["max_steps"] - wsd_decay_steps(run, origin["config"]["max_steps"])
+    if not run.warmup_steps <= step <= stable_end:
+        raise ValueError(
+            f"{path}: step {step} is outside its run's stable phase (steps {run.warmup_steps} to {stable_end})"
+        )
+    check_same_shape(cfg.model, model_config(origin), path)
+    branch_checkpoints = complete_checkpoints(Path(cfg.out_dir) / "checkpoints")
+    if branch_checkpoints and read_state(branch_checkpoints[-1])["config"].get("branch_from") != cfg.branch_from:
+        raise ValueError(f"--out_dir {cfg.out_dir} holds another run's checkpoints; choose a new directory")
+    if cfg.optim.decay_steps is None:  # as long as the run's own decay
+        cfg.optim.decay_steps = wsd_decay_steps(run, origin["config"]["max_steps"])
+    cfg.max_steps = step + cfg.optim.decay_steps
+    cfg.optim.schedule = "wsd"
+    cfg.resume = "auto" if branch_checkpoints else str(path)
+    cfg.init_from = None  # the weights come from the checkpoint
+
+
+def wsd_decay_steps(cfg: OptimConfig, max_steps: int) -> int:
+    """How many final steps a wsd schedule decays over: `decay_steps` if set, else `decay_fraction` of the run."""
+    return cfg.decay_steps if cfg.decay_steps is not None else max(1, round(cfg.decay_fraction * max_steps))
 
 
 def model_preset(name: str) -> ModelConfig:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from training.config import OptimConfig
+from training.config import OptimConfig, wsd_decay_steps
 
 # The matrices Muon updates, by their module name: attention and FFN projections, dense or stacked experts.
 HIDDEN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,21 +81,16 @@ def muon_lr(cfg: OptimConfig) -> float:
     return cfg.lr if cfg.muon_lr is None else cfg.muon_lr
 
 
-def decay_steps(cfg: OptimConfig, max_steps: int) -> int:
-    """How many final steps a WSD schedule decays over: `decay_steps` if set, else `decay_fraction` of the run."""
-    return cfg.decay_steps if cfg.decay_steps is not None else max(1, round(cfg.decay_fraction * max_steps))
-
-
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """The AdamW learning rate of optimizer step `step` (0-based): linear warm-up over `warmup_steps`, then either
-    cosine decay to `min_lr` at `max_steps`, or (wsd) `lr` until the last decay_steps() steps, which decay to
+    cosine decay to `min_lr` at `max_steps`, or (wsd) `lr` until the last wsd_decay_steps() steps, which decay to
     `min_lr` (the last one at `min_lr`) along `decay_shape`: linear, or 1-sqrt (lr falls as 1 - sqrt(progress))."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "cosine":
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-    decay = decay_steps(cfg, max_steps)
+    decay = wsd_decay_steps(cfg, max_steps)
     progress = min(1.0, max(0, step - (max_steps - decay) + 1) / decay)
     remaining = 1 - progress if cfg.decay_shape == "linear" else 1 - math.sqrt(progress)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * remaining
