@@ -10,20 +10,20 @@ defaults to `optim.lr`, and the decay is AdamW's decoupled one). Matrices only: 
 gate/up/down and every MoE expert's matrices, each expert's slice of the stacked [E, F, D] weights orthogonalised
 on its own. Embeddings, output head, norm gains and the MoE router stay on AdamW.
 
-torch has `torch.optim.Muon` since 2.9 (so in 2.11 and 2.13), with this same iteration, momentum and Moonlight's
-scale (`adjust_lr_fn="match_rms_adamw"`), but it refuses the stacked 3-D expert weights and knows nothing of
-FSDP2: a parameter sharded by rows would be orthogonalised through DTensor's operator rules (a redistribution per
-matmul). So this module has its own step; the tests check it against a plain implementation of the paper's
-formulas and against torch.optim.Muon on plain matrices.
+torch has `torch.optim.Muon` since 2.9 (pytorch#160213, so in 2.11 and 2.13), with this iteration, momentum
+and Moonlight's scale (`adjust_lr_fn="match_rms_adamw"`), but it takes 2-D parameters only (not the stacked expert
+weights) and knows nothing of FSDP2: a parameter sharded by rows would be orthogonalised through DTensor's operator
+rules (a redistribution per matmul). So this module has its own step; the tests check it against a plain
+implementation of the paper's formulas and against torch.optim.Muon on plain matrices.
 
 Under FSDP2 each matrix is sharded by rows (dim 0; stacked experts on dim 1 when there are more shards than
 experts), and Newton-Schulz needs the whole matrix. Each rank is given whole matrices in turn (as nanochat's
-DistMuon and Dion do), not every matrix (gathering each matrix everywhere): one all-to-all sends every row shard of
-a matrix to the rank that owns it, each rank orthogonalises the matrices it owns, one all-to-all sends the rows
-back. Gathering everywhere would repeat the whole Newton-Schulz work on every rank: at the 1.1B shapes that is
-0.35% of a step's model FLOPs on one rank, but times the number of ranks sharding the model when each rank does
-all of it (2.8% on 8 ranks, 11% on 32), and it moves every matrix to every rank instead of 1/ranks of them. Owners
-are assigned by Newton-Schulz cost (largest first, to the least loaded rank). Stacked experts sharded on dim 0 are
+DistMuon and Dion do) rather than gathering every matrix on every rank: one all-to-all sends every row shard of a
+matrix to the rank that owns it, each rank orthogonalises the matrices it owns, one all-to-all sends the rows
+back. Gathering everywhere would repeat all of the Newton-Schulz work on every rank: at the 1.1B shapes that work
+is 0.32% of a step's model FLOPs when shared out, but 2.5% on 8 ranks and 10% on 32 when every rank does all of it
+(docs/performance.md), and every rank would receive every matrix instead of 1/ranks of them. Owners are assigned
+by Newton-Schulz cost (largest first, to the least loaded rank). Stacked experts sharded on their expert dim are
 whole on their rank and are orthogonalised there. With hybrid sharding (`fsdp_replicas`) the exchange runs within
 each shard group.
 """
@@ -40,7 +40,7 @@ from training.config import OptimConfig, wsd_decay_steps
 
 # The matrices Muon updates, by their module name: attention and FFN projections, dense or stacked experts.
 HIDDEN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: the largest slope at 0 that still converges
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steep at 0, so small singular values grow fast
 NS_EPS = 1e-7
 MOONLIGHT_SCALE = 0.2  # update RMS of AdamW's typical 0.2-0.4
 
@@ -105,7 +105,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> flo
 
 def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The orthogonal factor U V^T of each matrix G = U S V^T in `g` [..., m, n], approximately (singular values
-    come out between about 0.7 and 1.2): X = G / |G|_F, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T,
+    come out between about 0.7 and 1.2): X = G / |G|_F, then `steps` times X <- aX + (bA + cA²)X with A = XX^T,
     on the wide orientation (so A is the smaller Gram matrix). In bf16 by default, as Keller Jordan runs it."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
@@ -114,8 +114,8 @@ def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=NS_EPS)
     for _ in range(steps):
-        a_mm = x @ x.mT
-        x = a * x + (b * a_mm + c * (a_mm @ a_mm)) @ x
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x.mT if tall else x
 
 
