@@ -41,7 +41,7 @@ class OptimConfig:
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warm-up, constant lr, then a decay over the last steps
     decay_fraction: float = 0.2  # wsd: the fraction of max_steps that decays, in (0, 1]
     decay_steps: int | None = None  # wsd: decay over exactly this many final steps instead (a decay branch's length)
-    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd: lr falls as 1 - progress, or 1 - sqrt(progress)
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: lr falls as 1 - progress, or 1 - sqrt(progress)
 
     def validate(self) -> None:
         for key in ("lr", "muon_lr"):
