@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from formats.checkpoint import checkpoint_name, load_model
+from formats.checkpoint import checkpoint_name, load_model, save_weights
 from tests.conftest import run_module, run_train, train_losses
 from tests.test_train import expect_error, read_data, resume_from
 from training.config import parse_config
@@ -92,6 +92,13 @@ def test_decay_branch_is_the_run_set_to_decay_from_the_start(muon_one, dataset, 
     assert scored["loss"] == pytest.approx(val_losses(branch)[5], rel=1e-5)
 
 
+def weights_only(checkpoint: Path, out: Path) -> Path:
+    """A weights-only checkpoint of `checkpoint`'s model, as tools.average writes one."""
+    model, state = load_model(checkpoint)
+    save_weights(out, model.state_dict(), {"config": state["config"], "weights_only": True}, None)
+    return out
+
+
 def test_decay_branch_errors_name_the_path(muon_one, tmp_path):
     origin = muon_one / "checkpoints" / checkpoint_name(3)
     expect_error([f"--branch_from={origin}", f"--out_dir={muon_one}"], "needs an --out_dir of its own")
@@ -101,6 +108,7 @@ def test_decay_branch_errors_name_the_path(muon_one, tmp_path):
         ([f"--branch_from={tmp_path}", out], f"{tmp_path}: not a complete checkpoint"),
         ([f"--branch_from={origin}", out, "--model.n_layers=3"], "another model shape (model.n_layers: 3 != 2)"),
         ([f"--branch_from={muon_one / 'checkpoints' / checkpoint_name(6)}", out], "outside its run's stable phase"),
+        ([f"--branch_from={weights_only(origin, tmp_path / 'average')}", out], "average: holds weights only"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -187,7 +187,10 @@ def make_branch(cfg: TrainConfig, origin: dict) -> None:
     optim.decay_steps steps (default: as many as the run's own decay). The branch from step S for N steps is the
     run that was set from the start to decay over steps S+1..S+N, so the origin must still be in its stable phase
     at S: a wsd run, past warm-up, before its decay. The origin's directory is only read."""
-    path, step = Path(cfg.branch_from), origin["step"]
+    path = Path(cfg.branch_from)
+    if origin.get("weights_only"):
+        raise ValueError(f"{path}: holds weights only (no optimizer state or step); a branch needs a run's checkpoint")
+    step = origin["step"]
     if cfg.out_dir is None or Path(cfg.out_dir).resolve() == path.resolve().parent.parent:
         raise ValueError(f"--branch_from {path} needs an --out_dir of its own, not the run it branches from")
     run = OptimConfig(**{k: v for k, v in origin["config"]["optim"].items() if k in OptimConfig.__annotations__})
