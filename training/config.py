@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+RENAMED_KEYS = {"skip_nan_batches": "optim.max_skipped_steps"}  # keys of earlier versions, named in their error
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay; the schedule counts optimizer steps."""
+    """AdamW with linear warm-up and cosine decay (the schedule counts optimizer steps), the regularisers of the
+    training objective and the guard against loss spikes."""
 
     lr: float = 4e-4
     min_lr: float = 4e-5
@@ -30,6 +32,25 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Output z-loss (PaLM): this coefficient x the mean over tokens of log²Z, Z the partition function of the output
+    # softmax (PaLM used 1e-4, OLMo 2 1e-5; 0: off). Not the MoE router's z-loss, model.z_loss_coef.
+    output_z_loss_coef: float = 0.0
+    # Loss-spike guard (training/guard.py): an update whose loss or gradient norm is above the mean + spike_sigmas
+    # standard deviations of the last spike_window accepted steps is skipped on every rank (null: only non-finite
+    # ones are); the run stops once more than max_skipped_steps updates were skipped.
+    spike_sigmas: float | None = 6.0
+    spike_window: int = 128
+    max_skipped_steps: int = 10
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key."""
+        if self.spike_sigmas is not None and not self.spike_sigmas > 0:
+            raise ValueError(f"optim.spike_sigmas must be positive (or null: no spike guard), got {self.spike_sigmas}")
+        if self.spike_window < 2:
+            raise ValueError(f"optim.spike_window must be at least 2 (a standard deviation), got {self.spike_window}")
+        for key in ("max_skipped_steps", "output_z_loss_coef"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"optim.{key} must be 0 or positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -65,7 +86,6 @@ class TrainConfig:
     # FSDP2 keeping a full unsharded fp32 accumulator per rank between micro-batches.
     grad_sync_every_micro_batch: bool = False
     cpu_kernels: bool = True  # on a CPU, swap in the tested-equal fast paths of cpu_kernels/ (false: the reference)
-    skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
     sample_prompt: str = "def "  # generated from at the end of training ("" to skip)
@@ -84,13 +104,14 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "keep_last", "skip_nan_batches", "data_workers"):
+        for key in ("eval_every", "save_every", "keep_last", "data_workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be 0 or positive, got {getattr(self, key)}")
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.datasets is not None and any(w <= 0 for w in self.datasets.values()):
             raise ValueError(f"data weights must be positive, got {self.datasets}")
+        self.optim.validate()
 
     def grad_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step: the global batch is global, over every rank of every node."""
@@ -127,7 +148,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra_ar
     parser = _parser(prog)
     if extra_args is not None:
         extra_args(parser)
-    namespace = parser.instantiate(parser.parse_args(argv))
+    namespace = parser.instantiate(parse_args(parser, argv))
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"config_name"}
     cfg = TrainConfig(**{k: namespace[k] for k in fields}, config_name=Path(str(namespace.config[0])).stem)
     cfg.validate()
@@ -135,6 +156,16 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra_ar
         if key.split(".")[0] not in fields | {"config", "__path__"}:
             setattr(cfg, key, namespace[key])
     return cfg
+
+
+def parse_args(parser: ArgumentParser, argv: list[str]):
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as e:
+        renamed = [f"{old} is now {new}" for old, new in RENAMED_KEYS.items() if old in str(e)]
+        if renamed:
+            raise ArgumentError(None, f"{e} ({'; '.join(renamed)})") from None
+        raise
 
 
 def model_preset(name: str) -> ModelConfig:
