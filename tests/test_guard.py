@@ -12,10 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from jsonargparse import ArgumentError
 
 from tests.conftest import REPO, TINY_ARGS, read_metrics, run_module, train_losses
 from tests.test_train import resume_from
-from training.config import OptimConfig
+from training.config import OptimConfig, parse_config
 from training.guard import SpikeGuard
 
 
@@ -114,6 +115,14 @@ def test_a_checkpoint_from_before_the_guard_loads():
 def test_bad_guard_and_z_loss_values_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig(**{key: value}).validate()
+    if not math.isnan(value):  # the command line refuses nan by itself
+        with pytest.raises(ValueError, match=message):  # as train.py parses it
+            parse_config([f"--optim.{key}={value}"])
+
+
+def test_the_replaced_skip_nan_batches_names_its_successor():
+    with pytest.raises(ArgumentError, match="skip_nan_batches is now optim.max_skipped_steps"):
+        parse_config(["--skip_nan_batches=2"])
 
 
 GUARD = ["--optim.spike_window=3", "--optim.spike_sigmas=30"]

@@ -233,8 +233,6 @@ def test_config_errors_name_the_key(dataset, tmp_path):
     expect_error(["--max_steps=x"], "max_steps")
     expect_error(["--global_batch_size=6", f"--data={dataset}", f"--out_dir={tmp_path}"], "global_batch_size")
     expect_error(["--config=configs/nope.yaml"], "nope.yaml")
-    expect_error(["--optim.spike_sigmas=0"], "optim.spike_sigmas must be positive")
-    expect_error(["--skip_nan_batches=2"], "skip_nan_batches is now optim.max_skipped_steps")
     expect_error([f"--data={tmp_path / 'missing'}", f"--out_dir={tmp_path}"], "missing", "manifest")
 
 
