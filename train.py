@@ -19,14 +19,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.corpus import default_corpus
-from data.shards import DataError, read_manifest
+from data.shards import TOKENIZER_FILE, DataError, read_manifest
 from data.stream import DataState, open_streams, train_loader
-from data.tokenizer import Tokenizer, file_sha256
+from data.tokenizer import TextBytes, Tokenizer, file_sha256
 from formats.checkpoint import CheckpointError, tokenizer_path
 from model.config import flops_per_token
 from model.sampling import generate, model_step
 from training.checkpoint import Checkpointer, load_training_state, resume_path
 from training.config import TrainConfig, parse_config
+from training.guard import SpikeGuard
 from training.lock import out_dir_lock
 from training.loop import Progress, StopOnSignal, evaluate, skip_or_stop, train_step
 from training.metrics import MetricsLogger, Throughput, device_peak_flops
@@ -83,7 +84,8 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
 
     model = fabric.setup_module(build_model(cfg))
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
-    progress = Progress(DataState(cfg.seed, per_dataset=[0] * len(datasets)))
+    guard = SpikeGuard(cfg.optim.spike_sigmas, cfg.optim.spike_window)
+    progress = Progress(DataState(cfg.seed, per_dataset=[0] * len(datasets)), guard)
     if start_from is not None:
         progress.load_state_dict(load_training_state(start_from, cfg.model, model, optimizer, cfg.optim.name))
         fabric.print(f"resumed from {start_from} at step {progress.step}")
@@ -91,6 +93,9 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
     accum = cfg.grad_accumulation(fabric.world_size)
     weights = list(datasets.values())
     val_streams = open_streams(list(datasets), "val", cfg.model.vocab_size, cfg.seq_len) if cfg.eval_every else []
+    text_bytes = TextBytes(Tokenizer(tokenizer)).to(fabric.device) if tokenizer is not None else None
+    if cfg.eval_every and text_bytes is None:
+        fabric.print(f"{next(iter(datasets))} has no {TOKENIZER_FILE}: val_bpb is not logged")
     loader = rank_loader(cfg, datasets, progress.data, fabric)
     batches, quotas = iter(loader), loader.batch_sampler.quotas
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
@@ -113,7 +118,7 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=not rank0, dynamic_ncols=True)
     try:
         if progress.step == 0 and cfg.eval_every:
-            logger.log(0, evaluate(fabric, model, val_streams, weights, cfg))
+            logger.log(0, evaluate(fabric, model, val_streams, weights, cfg, text_bytes))
         while progress.step < cfg.max_steps:
             lr = set_lr(optimizer, lr_at(progress.step, cfg.optim, cfg.max_steps), cfg.optim)
             started = time.perf_counter()
@@ -126,24 +131,27 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
                 cfg.optim.grad_clip,
                 stop.requested,
                 cfg.grad_sync_every_micro_batch,
+                guard,
             )
             meter.add(time.perf_counter() - started)
             progress.advance(tokens_per_step, quotas)
-            if not result.finite:
-                skip_or_stop(progress, result, cfg.skip_nan_batches, fabric)
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.3f}")
             checkpointer.poll()
 
             finished = progress.step == cfg.max_steps
-            if progress.step % cfg.log_every == 0 or finished:
+            if progress.step % cfg.log_every == 0 or finished or result.skipped:
                 step_metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": progress.tokens}
-                logger.log(progress.step, {**step_metrics, **meter.read(), **result.moe})
+                step_metrics["skipped_steps"] = guard.skipped
+                logger.log(progress.step, {**step_metrics, **meter.read(), **result.metrics})
+            if result.skipped:
+                skip_or_stop(progress, result, cfg.optim.max_skipped_steps, fabric)
             if cfg.eval_every and (progress.step % cfg.eval_every == 0 or finished):
-                val = evaluate(fabric, model, val_streams, weights, cfg)
+                val = evaluate(fabric, model, val_streams, weights, cfg, text_bytes)
                 logger.log(progress.step, val)
                 if rank0:
-                    bar.write(f"step {progress.step}: val loss {val['val_loss']:.4f}")
+                    bpb = f", {val['val_bpb']:.4f} bits per byte" if "val_bpb" in val else ""
+                    bar.write(f"step {progress.step}: val loss {val['val_loss']:.4f}{bpb}")
             if result.stop_requested or finished or (cfg.save_every and progress.step % cfg.save_every == 0):
                 save()
             if result.stop_requested:

@@ -7,8 +7,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+import torch
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+IGNORE_INDEX = -100  # a target that is not scored (model.loss's)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -52,6 +54,42 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+class TextBytes:
+    """The UTF-8 bytes of text that scored tokens stand for: a loss in nats per token times tokens / bytes / ln 2
+    is in bits per byte, which compares across tokenizers.
+
+    A token stands for the bytes it adds to the decoded text: its piece's UTF-8 size with ▁ as a space, 1 for a
+    byte-fallback piece, 0 for BOS, EOS and unknown. sentencepiece encodes a text with a space in front (its dummy
+    prefix), which decoding drops, so a document's first token (after BOS or EOS) stands for one byte less. For a
+    tokenizer that decodes to its input (identity normalisation, whitespace kept: ours and Llama 2's) a
+    document's tokens add up to the document's UTF-8 size, and any stretch of tokens to the text it encodes."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        sp = tokenizer.sp
+        self.per_token_V = torch.tensor([_piece_bytes(sp, i) for i in range(sp.get_piece_size())])
+        self.doc_starts_after = torch.tensor([i for i in (sp.bos_id(), sp.eos_id()) if i >= 0])
+        self.dummy_prefix = int(sp.encode("a", out_type=str)[0].startswith("▁"))
+
+    def to(self, device: torch.device) -> TextBytes:
+        self.per_token_V, self.doc_starts_after = self.per_token_V.to(device), self.doc_starts_after.to(device)
+        return self
+
+    def count(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Bytes of the text of the scored targets (those not -100), given the tokens before them (`inputs`)."""
+        per_target_BT = self.per_token_V[targets_BT.clamp(min=0)]
+        first_of_document_BT = torch.isin(inputs_BT, self.doc_starts_after)
+        per_target_BT = (per_target_BT - self.dummy_prefix * first_of_document_BT.long()).clamp(min=0)
+        return (per_target_BT * (targets_BT != IGNORE_INDEX)).sum()
+
+
+def _piece_bytes(sp: spm.SentencePieceProcessor, i: int) -> int:
+    if sp.is_control(i) or sp.is_unknown(i):
+        return 0
+    if sp.is_byte(i):
+        return 1
+    return len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8"))
 
 
 def _lines(documents: Iterable[str], max_lines: int) -> Iterator[str]:

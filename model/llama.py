@@ -129,7 +129,10 @@ class Block(nn.Module):
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None = None  # [B, T, vocab], only when no targets are given
-    loss: torch.Tensor | None = None  # mean next-token cross-entropy
+    # Mean next-token cross-entropy; while training with output_z_loss_coef > 0 its gradient is that of
+    # loss + output_z_loss_coef * output_z_loss (model/loss.py): the value stays the cross-entropy.
+    loss: torch.Tensor | None = None
+    output_z_loss: torch.Tensor | None = None  # mean over tokens of log²Z of the output softmax (no gradient)
     aux_loss: torch.Tensor | None = None  # aux_loss_coef * balance_loss + z_loss_coef * z_loss (MoE only)
     balance_loss: torch.Tensor | None = None  # mean over layers
     z_loss: torch.Tensor | None = None  # mean over layers
@@ -149,7 +152,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, grouped_mm) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.loss_fn = linear_cross_entropy  # (h, w, targets) -> mean loss; a device plug-in may swap it
+        self.loss_fn = linear_cross_entropy  # (h, w, targets, z coef) -> (loss, log²Z); a plug-in may swap it
+        self.output_z_loss_coef = 0.0  # the output z-loss's weight in training (set from optim.output_z_loss_coef)
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -204,7 +208,8 @@ class Transformer(nn.Module):
         if targets_BT is None:
             out.logits = self.lm_head(x)
         else:
-            out.loss = self.loss_fn(x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+            h, w, targets = x.flatten(0, 1), self.lm_head.weight, targets_BT.flatten()
+            out.loss, out.output_z_loss = self.loss_fn(h, w, targets, self.output_z_loss_coef)
         return out
 
     def _moe_output(self, stats: list[RouterStats]) -> ModelOutput:

@@ -12,8 +12,9 @@ import torch
 
 from data.prepare import prepare
 from data.shards import HEADER, DataError, read_header, read_manifest
+from data.sources import read_documents, stdlib_files
 from data.stream import DataState, RankBatches, TokenStream, WindowOrder, batch_quotas, open_streams, train_loader
-from data.tokenizer import Tokenizer
+from data.tokenizer import TextBytes, Tokenizer
 from tests.conftest import run_module
 
 CODE = 'def f(x):\n\tif x:\n        return "ünïcode ✓ 123"\n\n\nclass A:  # trailing  \n    pass\n'
@@ -26,6 +27,23 @@ def test_tokenizer_round_trip(dataset):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
     assert tok.encode("x", bos=True)[0] == 1 and tok.encode("x", eos=True)[-1] == 2
+
+
+def test_text_bytes_add_up_to_each_documents_utf8_size(dataset):
+    """Every document of the prepared package (and some edge cases: non-ASCII, byte-fallback characters, leading
+    spaces, empty), scored after an EOS as in a token stream, stands for its UTF-8 size in bytes; with BOS in front
+    (a text file) too."""
+    tok = Tokenizer(dataset / "tokenizer.model")
+    text_bytes = TextBytes(tok)
+    documents = [doc for path in stdlib_files(packages=["email"]) for doc in read_documents(path)]
+    for doc in [*documents, CODE, "  leading spaces", "emoji 🦙 and bytes \x00\x7f", "", "\n"]:
+        for start in (tok.eos_id, tok.bos_id):
+            ids = torch.tensor([start, *tok.encode(doc), tok.eos_id])
+            assert int(text_bytes.count(ids[None, :-1], ids[None, 1:])) == len(doc.encode()), doc[:40]
+    ids = torch.tensor([tok.eos_id, *tok.encode(CODE)])
+    targets = ids[1:].clone()
+    targets[5:] = -100  # only the first 5 tokens are scored: the bytes of their text
+    assert int(text_bytes.count(ids[None, :-1], targets[None])) == len(tok.decode(ids[1:6].tolist()).encode())
 
 
 def test_prepare_writes_shards_manifest_and_every_window_once_per_epoch(dataset):

@@ -127,7 +127,7 @@ def test_chunked_loss_equals_full_cross_entropy(dtype, monkeypatch):
     w = (torch.randn(300, 32) * 0.2).to(dtype).requires_grad_()
     t = torch.randint(0, 300, (100,))
     t[::7] = -100
-    ours = linear_cross_entropy(h, w, t)
+    ours, _ = linear_cross_entropy(h, w, t)
     ours.backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -138,7 +138,53 @@ def test_chunked_loss_equals_full_cross_entropy(dtype, monkeypatch):
     torch.testing.assert_close(gh, h.grad, atol=tol, rtol=tol)
     torch.testing.assert_close(gw, w.grad, atol=tol, rtol=tol)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, t), ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(linear_cross_entropy(h, w, t)[0], ref, atol=tol, rtol=tol)
+
+
+def loss_batch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [100, 32], w [300, 32] and targets with every 7th ignored: 3 chunks of 40 rows once chunks are shrunk."""
+    torch.manual_seed(3)
+    h = torch.randn(100, 32).to(dtype)
+    w = (torch.randn(300, 32) * 0.2).to(dtype)
+    t = torch.randint(0, 300, (100,))
+    t[::7] = -100
+    return h, w, t
+
+
+def reference_loss_terms(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
+    """Cross-entropy, mean log²Z and the gradients of cross-entropy + coef x log²Z, from full fp64 logits with
+    F.cross_entropy and torch.logsumexp (the same, possibly rounded, inputs)."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logits = h64 @ w64.t()
+    ce = F.cross_entropy(logits, t)
+    z = torch.logsumexp(logits, dim=-1)[t != -100].square().mean()
+    (ce + coef * z).backward()
+    return {"loss": ce.detach(), "z": z.detach(), "h": h64.grad, "w": w64.grad}
+
+
+def loss_terms(loss_fn, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, z = loss_fn(h, w, t, coef)
+    loss.backward()
+    return {"loss": loss.detach(), "z": z, "h": h.grad, "w": w.grad}
+
+
+@pytest.mark.parametrize("coef", [0.0, 1e-4, 0.1])
+def test_output_z_loss_value_and_gradients_equal_an_fp64_reference(coef, monkeypatch):
+    """The chunked loss's cross-entropy, log²Z and gradients w.r.t. h and the head weight (fp32, 3 chunks, ignored
+    rows) against fp64 F.cross_entropy + logsumexp². 1e-4 (PaLM's) moves the head weight's gradient by over 10x
+    the fp32 tolerance, so a z-loss left out of the gradient fails; without grad the values agree too."""
+    monkeypatch.setattr("model.loss.CHUNK_LOGITS", 40 * 300)
+    h, w, t = loss_batch(torch.float32)
+    ours, ref = loss_terms(linear_cross_entropy, h, w, t, coef), reference_loss_terms(h, w, t, coef)
+    for name in ref:
+        torch.testing.assert_close(ours[name].double(), ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    if coef:
+        plain = reference_loss_terms(h, w, t, 0.0)
+        assert (ref["w"] - plain["w"]).norm() > 10 * 1e-5 * ref["w"].norm()  # the z-term is really tested
+    with torch.no_grad():
+        loss, z = linear_cross_entropy(h, w, t, coef)
+    torch.testing.assert_close((loss.double(), z.double()), (ref["loss"], ref["z"]), atol=1e-6, rtol=1e-5)
 
 
 def test_loss_of_a_confident_wrong_prediction_stays_exact():
@@ -146,7 +192,7 @@ def test_loss_of_a_confident_wrong_prediction_stays_exact():
     h = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     w = torch.tensor([[200.0, 0.0], [0.0, 1.0], [-200.0, 0.0]])
     t = torch.tensor([2, 1])
-    ours = linear_cross_entropy(h, w, t)
+    ours, _ = linear_cross_entropy(h, w, t)
     ref = F.cross_entropy(h @ w.t(), t)
     assert torch.isfinite(ours) and ours.item() == pytest.approx(ref.item(), rel=1e-6)
 
@@ -199,7 +245,7 @@ def test_loss_gradient_at_a_confident_target_in_bf16():
     h = h.bfloat16().requires_grad_()
     w.requires_grad_()
     t = torch.full((4,), 7)
-    linear_cross_entropy(h, w, t).backward()
+    linear_cross_entropy(h, w, t)[0].backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     F.cross_entropy(h64 @ w64.t(), t).backward()
     assert float((h64 @ w64.t()).detach().softmax(-1)[0, 7]) == pytest.approx(0.995, abs=1e-3)

@@ -1,10 +1,11 @@
-"""Held-out loss and perplexity of a checkpoint (or of a proxy-tuned combination); one JSON line.
+"""Held-out loss, perplexity and bits per byte of a checkpoint (or of a proxy-tuned combination); one JSON line.
 
     python -m tools.perplexity --checkpoint DIR (--data DIR | --text-file FILE) [--expert DIR --anti-expert DIR]
 
 --data scores the validation split of a prepared dataset in windows of the model's context (--seq-len to change);
 --text-file scores the tokenizer's encoding of the file with BOS first. loss is the mean next-token cross-entropy
-in nats per token, ppl = exp(loss).
+in nats per token, ppl = exp(loss), bpb = loss x tokens / bytes / ln 2 in bits per UTF-8 byte of the scored text
+(data.tokenizer.TextBytes: for --text-file, the file's size), which compares across tokenizers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from data.shards import DataError
 from data.stream import TokenStream, val_batches
-from data.tokenizer import Tokenizer
+from data.tokenizer import TextBytes, Tokenizer
 from formats.checkpoint import CheckpointError
 from tools.proxy import Scorer, add_model_args, load_scorer
 
@@ -54,17 +55,20 @@ def dataset_batches(
 
 
 def score(scorer: Scorer, batches) -> dict:
-    """Mean next-token loss over (inputs, targets) batches; targets of -100 are not scored.
+    """Mean next-token loss and bits per byte over (inputs, targets) batches; targets of -100 are not scored.
 
-    `scorer` is anything with a `device` and `logits(tokens_BT)` (a Scorer, or an ensemble of models)."""
-    total, tokens = 0.0, 0
+    `scorer` is anything with a `device`, a `tokenizer` and `logits(tokens_BT)` (a Scorer, or an ensemble)."""
+    total, tokens, n_bytes = 0.0, 0, 0
+    text_bytes = TextBytes(scorer.tokenizer)
     device = scorer.device
     for inputs, targets in batches:
         logits = scorer.logits(inputs.to(device))
         total += F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
         tokens += int((targets != -100).sum())
+        n_bytes += int(text_bytes.count(inputs, targets))
     loss = total / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+    bpb = total / max(n_bytes, 1) / math.log(2)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb, "tokens": tokens, "bytes": n_bytes}
 
 
 def main(argv: list[str] | None = None) -> None:

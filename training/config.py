@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from formats.checkpoint import check_same_shape, complete_checkpoints, model_config, read_state
 from model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+RENAMED_KEYS = {"skip_nan_batches": "optim.max_skipped_steps"}  # keys of earlier versions, named in their error
 
 
 @dataclass
 class OptimConfig:
-    """The optimizer (training/optim.py) and its learning-rate schedule, which counts optimizer steps."""
+    """The optimizer (training/optim.py) and its learning-rate schedule (which counts optimizer steps), the
+    regularisers of the training objective and the guard against loss spikes (training/guard.py)."""
 
     name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the hidden matrices, AdamW on the rest
     lr: float = 4e-4  # AdamW's peak learning rate
@@ -43,7 +45,18 @@ class OptimConfig:
     decay_steps: int | None = None  # wsd: decay over exactly this many final steps instead (a decay branch's length)
     decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: lr falls as 1 - progress, or 1 - sqrt(progress)
 
+    # Output z-loss (PaLM): this coefficient x the mean over tokens of log²Z, Z the partition function of the output
+    # softmax (PaLM used 1e-4, OLMo 2 1e-5; 0: off). Not the MoE router's z-loss, model.z_loss_coef.
+    output_z_loss_coef: float = 0.0
+    # Loss-spike guard (training/guard.py): an update whose loss or gradient norm is above the mean + spike_sigmas
+    # standard deviations of the last spike_window accepted steps is skipped on every rank (null: only non-finite
+    # ones are); the run stops once more than max_skipped_steps updates were skipped.
+    spike_sigmas: float | None = 6.0
+    spike_window: int = 128
+    max_skipped_steps: int = 10
+
     def validate(self) -> None:
+        """Raise ValueError naming the offending key."""
         for key in ("lr", "muon_lr"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"optim.{key} must be positive, got {getattr(self, key)}")
@@ -55,6 +68,13 @@ class OptimConfig:
             raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.muon_ns_steps <= 0:
             raise ValueError(f"optim.muon_ns_steps must be positive, got {self.muon_ns_steps}")
+        if self.spike_sigmas is not None and not self.spike_sigmas > 0:
+            raise ValueError(f"optim.spike_sigmas must be positive (or null: no spike guard), got {self.spike_sigmas}")
+        if self.spike_window < 2:
+            raise ValueError(f"optim.spike_window must be at least 2 (a standard deviation), got {self.spike_window}")
+        for key in ("max_skipped_steps", "output_z_loss_coef"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"optim.{key} must be 0 or positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -93,7 +113,6 @@ class TrainConfig:
     # FSDP2 keeping a full unsharded fp32 accumulator per rank between micro-batches.
     grad_sync_every_micro_batch: bool = False
     cpu_kernels: bool = True  # on a CPU, swap in the tested-equal fast paths of cpu_kernels/ (false: the reference)
-    skip_nan_batches: int = 0  # non-finite batches skipped before the run stops
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
     sample_prompt: str = "def "  # generated from at the end of training ("" to skip)
@@ -112,7 +131,7 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "keep_last", "skip_nan_batches", "data_workers"):
+        for key in ("eval_every", "save_every", "keep_last", "data_workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be 0 or positive, got {getattr(self, key)}")
         if self.seq_len > self.model.max_seq_len:
@@ -160,7 +179,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py", extra_ar
     parser = _parser(prog)
     if extra_args is not None:
         extra_args(parser)
-    namespace = parser.instantiate(parser.parse_args(argv))
+    namespace = parser.instantiate(parse_args(parser, argv))
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"config_name"}
     name = origin["config"]["config_name"] if origin else Path(str(namespace.config[0])).stem
     cfg = TrainConfig(**{k: namespace[k] for k in fields}, config_name=name)
@@ -216,6 +235,16 @@ def make_branch(cfg: TrainConfig, origin: dict) -> None:
 def wsd_decay_steps(cfg: OptimConfig, max_steps: int) -> int:
     """How many final steps a wsd schedule decays over: `decay_steps` if set, else `decay_fraction` of the run."""
     return cfg.decay_steps if cfg.decay_steps is not None else max(1, round(cfg.decay_fraction * max_steps))
+
+
+def parse_args(parser: ArgumentParser, argv: list[str]):
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as e:
+        renamed = [f"{old} is now {new}" for old, new in RENAMED_KEYS.items() if old in str(e)]
+        if renamed:
+            raise ArgumentError(None, f"{e} ({'; '.join(renamed)})") from None
+        raise
 
 
 def model_preset(name: str) -> ModelConfig:

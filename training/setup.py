@@ -121,7 +121,8 @@ def grouped_mm_fits(device: torch.device, dtype: torch.dtype) -> bool:
 
 def build_model(cfg: TrainConfig) -> Transformer:
     """The same initial weights on every rank, whatever the world size: FSDP2 then keeps each rank's shard. On a
-    CPU with `cpu_kernels` on (the default), the CPU fast paths are swapped in."""
+    CPU with `cpu_kernels` on (the default), the CPU fast paths are swapped in. Its loss carries the output
+    z-loss of `optim.output_z_loss_coef`."""
     accelerator = resolve_accelerator(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
     compute = torch.float32 if cfg.precision == "32-true" else torch.bfloat16
@@ -131,6 +132,7 @@ def build_model(cfg: TrainConfig) -> Transformer:
         load_initial_weights(model, Path(cfg.init_from))
     if cfg.cpu_kernels and device.type == "cpu":
         apply_cpu_kernels(model)
+    model.output_z_loss_coef = cfg.optim.output_z_loss_coef
     return model.to(torch.bfloat16) if cfg.precision == "bf16-true" else model
 
 
