@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.prepare import prepare
 from data.sources import stdlib_files
+from formats.export import write_json, write_weights
+from formats.hf import hf_config, hf_state_dict
 from model.config import ModelConfig
+from model.llama import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +39,22 @@ TINY_ARGS = [f"--model.{k}={v}" for k, v in TINY_MODEL.items()] + [
 
 def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY_MODEL, **overrides})
+
+
+def initial_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The plain model's weights filled by a fresh CPU generator seeded with `seed`: what a run with that seed starts
+    from, on any number of ranks (training/materialize.py)."""
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.state_dict()
+
+
+def write_hf_dir(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> Path:
+    """`weights` as a Hugging Face directory (config.json, weights in several indexed safetensors files)."""
+    path.mkdir(parents=True)
+    write_weights(hf_state_dict(cfg, weights), path, max_shard_size="100KB")
+    write_json(path / "config.json", hf_config(cfg, torch.float32, bos_id=1, eos_id=2))
+    return path
 
 
 @pytest.fixture(scope="session")
