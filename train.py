@@ -89,7 +89,7 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
         check_same_tokenizer(datasets, resumed_tokenizer, "the checkpoint resumed")
     check_attention(cfg, fabric.device)
 
-    model = fabric.setup_module(build_model(cfg))
+    model = fabric.setup_module(build_model(cfg))  # built on the meta device; each rank fills only its shards
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
     progress = Progress(DataState(cfg.seed, per_dataset=[0] * len(datasets)))
     if start_from is not None:

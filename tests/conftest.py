@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,12 @@ def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "email"
     prepare(stdlib_files(packages=["email"]), out, vocab_size=512, val_fraction=0.1, shard_mb=0.1, progress=False)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subprocess_env() -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from formats.checkpoint import save_weights
 from model.config import ModelConfig
-from tests.conftest import initial_weights, run_module, tiny_config, write_hf_dir
+from tests.conftest import free_port, initial_weights, run_module, tiny_config, write_hf_dir
 from training.config import TrainConfig
 from training.setup import build_model, shard_model
 
@@ -89,12 +88,6 @@ def worker(rank: int, port: int, sources: dict[str, dict[str, Path]], out: Path)
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
 from unittest import mock
 
@@ -18,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
 
 import training.parallelize as parallelize_module
-from tests.conftest import initial_weights, tiny_config, write_hf_dir
+from tests.conftest import free_port, initial_weights, tiny_config, write_hf_dir
 from training.config import TrainConfig
 from training.setup import build_model, shard_model
 
@@ -103,12 +102,6 @@ def worker(rank: int, port: int, hf_dir: Path) -> None:
         check_expert_layouts(hf_dir)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_units_expert_sharding_and_hybrid_sharding_on_four_processes(tmp_path):
