@@ -213,11 +213,12 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise ValueError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX} (only safetensors weights are read)")
 
 
-WeightReader = Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]
+# (our weight's name, its whole shape, a slice per dim) -> the values of that slice
+SliceReader = Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]
 
 
 @contextmanager
-def hf_weight_reader(path: str | Path, cfg: ModelConfig) -> Iterator[WeightReader]:
+def hf_weight_reader(path: str | Path, cfg: ModelConfig) -> Iterator[SliceReader]:
     """`read(name, shape, index)`: our weight `name`, whose whole shape is `shape`, restricted to `index` (a slice
     per dim, `()` for all of it), read from the safetensors files of a Hugging Face directory whose config matches
     `cfg`. Only that slice's bytes are copied out of the files (safetensors' get_slice); a stacked expert weight is

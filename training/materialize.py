@@ -5,15 +5,14 @@ Each rank allocates its shards (`to_empty`), recomputes the rotary tables (buffe
 one parameter at a time from the parameter's whole value: TinyLlama's init drawn from a generator seeded with the
 run's seed (every rank draws every whole parameter in turn and keeps its slice), a Hugging Face directory (each rank
 reads only its slice of each tensor) or one of our checkpoints (torch.distributed.checkpoint reads into the shards).
-The weights are thus the same for every world size, shard placement (dim 0, dim 1 for MoE experts, hybrid meshes)
-and for the plain `Transformer(cfg)` after `torch.manual_seed(seed)` when drawn on a CPU (a GPU's generator draws
-other numbers, the same on every GPU of one kind). DTensor's own random ops are not used: on a CPU their values
-depend on the world size.
+The weights are thus the same for every world size and shard placement (dim 0, dim 1 for MoE experts, hybrid
+meshes), and on a CPU they are the plain model's after `init_weights(torch.Generator().manual_seed(seed))` (a GPU's
+generator draws other numbers). DTensor's own random ops are not used: on a CPU their values depend on the world
+size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,11 +20,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.tensor import DTensor, Shard
 
 from formats.checkpoint import check_same_shape, dcp_load, model_config, read_state
-from formats.hf import hf_weight_reader, is_hf_dir
+from formats.hf import SliceReader, hf_weight_reader, is_hf_dir
 from model.llama import Transformer, init_parameter_
-
-# (parameter name, whole shape, this rank's slice of it) -> the values of that slice
-SliceValues = Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]
 
 
 def local_slice(param: torch.Tensor) -> tuple[slice, ...]:
@@ -54,7 +50,7 @@ def plain_name(name: str) -> str:
 
 
 @torch.no_grad()
-def fill_shards(model: torch.nn.Module, values: SliceValues) -> None:
+def fill_shards(model: torch.nn.Module, values: SliceReader) -> None:
     """Copy into each parameter's local part the values of its slice, one parameter at a time, in
     named_parameters' order (a tied weight once)."""
     for name, param in model.named_parameters():
@@ -65,7 +61,7 @@ def fill_shards(model: torch.nn.Module, values: SliceValues) -> None:
         local.copy_(part)
 
 
-def random_values(model: Transformer, seed: int, device: torch.device) -> SliceValues:
+def random_values(model: Transformer, seed: int, device: torch.device) -> SliceReader:
     """TinyLlama's init: each whole parameter drawn in turn (in fp32, then rounded to the parameter's dtype by the
     copy) from one generator seeded with `seed`, into one buffer the size of the largest: a fresh tensor each time
     fragments the CPU heap (seen here: up to a second largest parameter's worth of extra memory)."""
