@@ -82,7 +82,7 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
         check_same_tokenizer(datasets, resumed_tokenizer, "the checkpoint resumed")
     check_attention(cfg, fabric.device)
 
-    model = fabric.setup_module(build_model(cfg))
+    model = fabric.setup_module(build_model(cfg))  # built on the meta device; each rank fills only its shards
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
     guard = SpikeGuard(cfg.optim.spike_sigmas, cfg.optim.spike_window)
     progress = Progress(DataState(cfg.seed, per_dataset=[0] * len(datasets)), guard)

@@ -9,7 +9,8 @@ Weights are read with safetensors only: nothing here unpickles.
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -212,22 +213,55 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise ValueError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX} (only safetensors weights are read)")
 
 
-@torch.no_grad()
-def load_hf_weights(model: Transformer, path: str | Path) -> None:
-    """Copy the weights of a Hugging Face Llama/Mixtral directory into `model`, whose config must match it."""
+# (our weight's name, its whole shape, a slice per dim) -> the values of that slice
+SliceReader = Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]
+
+
+@contextmanager
+def hf_weight_reader(path: str | Path, cfg: ModelConfig) -> Iterator[SliceReader]:
+    """`read(name, shape, index)`: our weight `name`, whose whole shape is `shape`, restricted to `index` (a slice
+    per dim, `()` for all of it), read from the safetensors files of a Hugging Face directory whose config matches
+    `cfg`. Only that slice's bytes are copied out of the files (safetensors' get_slice); a stacked expert weight is
+    put together from the slices of HF's per-expert tensors. Each HF shape is checked against `shape`."""
     path = Path(path)
-    check_config(model.cfg, path)
+    check_config(cfg, path)
     files = weight_files(path)
-    slots = weight_slots(model.cfg)
+    slots = weight_slots(cfg)
     missing = [s.hf for s in slots if s.hf not in files]
     if missing:
         raise ValueError(f"{path}: {len(missing)} weight(s) missing from its safetensors files, e.g. {missing[0]}")
-    weights = model.state_dict()
+    slots_of: dict[str, list[WeightSlot]] = {}
+    for s in slots:
+        slots_of.setdefault(s.ours, []).append(s)
+
     with ExitStack() as stack:
         readers = {file: stack.enter_context(open_safetensors(file)) for file in set(files.values())}
-        for s in slots:
-            tensor = readers[files[s.hf]].get_tensor(s.hf)
-            target = weights[s.ours] if s.expert is None else weights[s.ours][s.expert]
-            if tensor.shape != target.shape:
-                raise ValueError(f"{path}: {s.hf} has shape {list(tensor.shape)}, expected {list(target.shape)}")
-            target.copy_(tensor)
+
+        def read_slot(slot: WeightSlot, shape: torch.Size, index: tuple[slice, ...]) -> torch.Tensor:
+            tensor = readers[files[slot.hf]].get_slice(slot.hf)
+            if list(tensor.get_shape()) != list(shape):
+                raise ValueError(f"{path}: {slot.hf} has shape {tensor.get_shape()}, expected {list(shape)}")
+            return tensor[index]
+
+        def read(name: str, shape: torch.Size, index: tuple[slice, ...]) -> torch.Tensor:
+            found = slots_of[name]
+            if found[0].expert is None:
+                return read_slot(found[0], shape, index)
+            experts, rest = (index[0], index[1:]) if index else (slice(None), ())
+            parts = [read_slot(s, shape[1:], rest) for s in found[experts]]
+            return torch.stack(parts) if parts else torch.empty(0, *shape[1:])[(slice(None), *rest)]
+
+        yield read
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, path: str | Path) -> None:
+    """Copy the weights of a Hugging Face Llama/Mixtral directory into `model` (whole, in one process), whose
+    config must match it. training/materialize.py loads each rank's shards alone."""
+    with hf_weight_reader(path, model.cfg) as read:
+        for name, param in model.named_parameters():
+            param.copy_(read(name, param.shape, ()))

@@ -142,6 +142,26 @@ class ModelOutput:
 OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "down_proj")  # the residual branches' last matmuls
 
 
+def init_std(cfg: ModelConfig, name: str) -> float | None:
+    """TinyLlama's init of the parameter called `name` (whatever its prefix): None for the norm gains, which start
+    at 1; else the std of its normal: 1/sqrt(dim)/n_layers for the output projections, sqrt(2 / (5 dim)) elsewhere."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(OUTPUT_PROJECTIONS):
+        return 1.0 / math.sqrt(cfg.dim) / cfg.n_layers
+    return math.sqrt(2.0 / (5 * cfg.dim))
+
+
+@torch.no_grad()
+def init_parameter_(
+    tensor: torch.Tensor, name: str, cfg: ModelConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Fill `tensor`, the whole parameter `name`, with its initial value, drawing from `generator` (default: torch's
+    global one). The same draws in the same order give the same weights, whoever fills them."""
+    std = init_std(cfg, name)
+    return tensor.fill_(1.0) if std is None else tensor.normal_(0.0, std, generator=generator)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, grouped_mm: bool = False) -> None:
         """`grouped_mm`: the MoE experts run as torch._grouped_mm (else a loop); the builder decides it once for
@@ -165,16 +185,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """TinyLlama's init: N(0, sqrt(2 / (5 dim))) everywhere, 1/sqrt(dim)/n_layers for the output projections."""
-        cfg = self.cfg
-        std = math.sqrt(2.0 / (5 * cfg.dim))
-        out_std = 1.0 / math.sqrt(cfg.dim) / cfg.n_layers
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Every parameter in turn (named_parameters' order) by init_parameter_, drawing from `generator` (default:
+        torch's global one); then the rotary tables. training/materialize.py fills a sharded model with the values
+        a fresh CPU generator seeded with the run's seed gives here."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=out_std if name.endswith(OUTPUT_PROJECTIONS) else std)
+            init_parameter_(p, name, self.cfg, generator)
         self.init_rope()
 
     @torch.no_grad()

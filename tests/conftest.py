@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.prepare import prepare
 from data.sources import stdlib_files
+from formats.export import write_json, write_weights
+from formats.hf import hf_config, hf_state_dict
 from model.config import ModelConfig
+from model.llama import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,12 +42,34 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY_MODEL, **overrides})
 
 
+def initial_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The plain model's weights filled by a fresh CPU generator seeded with `seed`: what a run with that seed starts
+    from, on any number of ranks (training/materialize.py)."""
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.state_dict()
+
+
+def write_hf_dir(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> Path:
+    """`weights` as a Hugging Face directory (config.json, weights in several indexed safetensors files)."""
+    path.mkdir(parents=True)
+    write_weights(hf_state_dict(cfg, weights), path, max_shard_size="100KB")
+    write_json(path / "config.json", hf_config(cfg, torch.float32, bos_id=1, eos_id=2))
+    return path
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """The stdlib's `email` package prepared with a 512-token BPE tokenizer (~150k tokens)."""
     out = tmp_path_factory.mktemp("data") / "email"
     prepare(stdlib_files(packages=["email"]), out, vocab_size=512, val_fraction=0.1, shard_mb=0.1, progress=False)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subprocess_env() -> dict:

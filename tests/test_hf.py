@@ -151,10 +151,10 @@ def test_init_from_hf_trains_and_its_tokenizer_prepares_data(dense, dataset, tmp
     ckpt, hf_dir = dense
     prepared = prepare([stdlib_files(packages=["json"])[0]], tmp_path / "data", tokenizer=hf_dir, progress=False)
     assert prepared["tokenizer"]["sha256"] == Tokenizer(ckpt / TOKENIZER).sha256
-    run_train(
-        [f"--data={dataset}", f"--out_dir={tmp_path}", f"--init_from={hf_dir}", "--max_steps=2", "--eval_every=2"]
-    )
-    # Before its first step, the run evaluates the exported weights: the source run's final validation loss.
+    init = [f"--init_from={hf_dir}", "--max_steps=2", "--eval_every=2", "--devices=2"]
+    run_train([f"--data={dataset}", f"--out_dir={tmp_path}", *init])
+    # Before its first step, the run evaluates the exported weights (each of the 2 ranks read its shards of them):
+    # the source run's final validation loss.
     source_val = [r["val_loss"] for r in read_metrics(ckpt.parent.parent) if "val_loss" in r][-1]
     first_val = [r for r in read_metrics(tmp_path) if "val_loss" in r][0]
     assert first_val["step"] == 0 and first_val["val_loss"] == pytest.approx(source_val, abs=1e-4)

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_MODEL, run_module
-from tests.test_train import free_port
+from tests.conftest import TINY_MODEL, free_port, run_module
 
 WORKER = "tests/step_collectives_worker.py"
 

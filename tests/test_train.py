@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from formats.checkpoint import COMPLETE, complete_checkpoints
-from tests.conftest import REPO, TINY_ARGS, read_metrics, run_train, subprocess_env, train_losses
+from tests.conftest import REPO, TINY_ARGS, free_port, read_metrics, run_train, subprocess_env, train_losses
 
 STEPS = ["--max_steps=6", "--save_every=3", "--keep_last=0", "--eval_every=3"]
 
@@ -102,12 +101,6 @@ def test_reshard_checkpoint_between_world_sizes(written_by, resumed_with, one_pr
     run_train([f"--data={read_data(source)}", f"--out_dir={out}", *STEPS, f"--devices={resumed_with}"])
     for step in (4, 5, 6):
         assert train_losses(out)[step] == pytest.approx(train_losses(source)[step], rel=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_two_nodes(args: list[str]) -> None:

@@ -11,14 +11,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import DeviceMesh
 
 from cpu_kernels import apply_cpu_kernels
-from formats.checkpoint import check_same_shape, dcp_load, model_config, read_state, tokenizer_path
+from formats.checkpoint import check_same_shape, model_config, read_state, tokenizer_path
+from formats.hf import check_config, is_hf_dir
 from model.attention import resolve_backend
 from model.llama import Transformer
 from training.config import TrainConfig, torchrun_world
+from training.materialize import materialize
 from training.parallelize import parallelize
 
 
@@ -35,6 +39,7 @@ def launch(cfg: TrainConfig) -> Fabric:
         raise ValueError(f"devices={devices} but this machine has {available} {accelerator} device(s)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # the global generator too starts from the seed (checkpoints save its state)
     if accelerator == "cpu":
         keep_freed_memory()
     if accelerator == "cuda" and cfg.precision == "32-true":
@@ -42,13 +47,7 @@ def launch(cfg: TrainConfig) -> Fabric:
         # does: full-precision fp32 matmuls run several times slower and buy nothing measurable for training.
         torch.set_float32_matmul_precision("high")
     strategy = ModelParallelStrategy(
-        parallelize_fn=functools.partial(
-            parallelize,
-            precision=cfg.precision,
-            activation_checkpointing=cfg.activation_checkpointing,
-            compile=cfg.compile,
-            fsdp_replicas=cfg.fsdp_replicas,
-        ),
+        parallelize_fn=functools.partial(shard_model, cfg=cfg),
         data_parallel_size=devices * nodes,
         tensor_parallel_size=1,
         timeout=timedelta(seconds=cfg.dist_timeout),
@@ -119,25 +118,35 @@ def grouped_mm_fits(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu"
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    """This rank's device (after launch: Fabric has set the current CUDA device)."""
+    if resolve_accelerator(cfg) == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def build_model(cfg: TrainConfig) -> Transformer:
-    """The same initial weights on every rank, whatever the world size: FSDP2 then keeps each rank's shard. On a
-    CPU with `cpu_kernels` on (the default), the CPU fast paths are swapped in. Its loss carries the output
-    z-loss of `optim.output_z_loss_coef`."""
-    accelerator = resolve_accelerator(cfg)
-    device = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    """The model on the meta device (no memory yet), with the CPU fast paths swapped in when training on a CPU with
+    `cpu_kernels` on (the default), in bf16 for `bf16-true`, its loss carrying the output z-loss of
+    `optim.output_z_loss_coef`. Fabric's setup_module then shards it and fills each rank's shards (shard_model, the
+    strategy's parallelize_fn)."""
+    device = training_device(cfg)
     compute = torch.float32 if cfg.precision == "32-true" else torch.bfloat16
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model, grouped_mm=grouped_mm_fits(device, compute))
-    if cfg.init_from:
-        load_initial_weights(model, Path(cfg.init_from))
+    with torch.device("meta"):
+        model = Transformer(cfg.model, grouped_mm=grouped_mm_fits(device, compute))
     if cfg.cpu_kernels and device.type == "cpu":
         apply_cpu_kernels(model)
     model.output_z_loss_coef = cfg.optim.output_z_loss_coef
     return model.to(torch.bfloat16) if cfg.precision == "bf16-true" else model
 
 
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
+def shard_model(model: Transformer, mesh: DeviceMesh, cfg: TrainConfig) -> nn.Module:
+    """Fabric's parallelize_fn: activation checkpointing, compile and FSDP2 on the meta device, then each rank
+    allocates and initialises only its shards (training/materialize.py), so no rank holds the whole model. Fabric's
+    own materialisation (reset_parameters) then finds nothing left on the meta device."""
+    model = parallelize(model, mesh, cfg.precision, cfg.activation_checkpointing, cfg.compile, cfg.fsdp_replicas)
+    materialize(model, training_device(cfg), cfg.seed, cfg.init_from)
+    return model
 
 
 def check_init_from(cfg: TrainConfig) -> None:
@@ -147,8 +156,6 @@ def check_init_from(cfg: TrainConfig) -> None:
         return
     path = Path(cfg.init_from)
     if is_hf_dir(path):
-        from formats.hf import check_config
-
         check_config(cfg.model, path)
     else:
         check_same_shape(cfg.model, model_config(read_state(path)), path)
@@ -159,15 +166,3 @@ def init_from_tokenizer(cfg: TrainConfig) -> Path | None:
     if not cfg.init_from:
         return None
     return tokenizer_path(cfg.init_from)  # where both keep it; a checkpoint's is checked against its checksum
-
-
-def load_initial_weights(model: Transformer, path: Path) -> None:
-    """Start from the weights of a Hugging Face model directory or of one of our checkpoints (fine-tuning)."""
-    if is_hf_dir(path):
-        from formats.hf import load_hf_weights
-
-        load_hf_weights(model, path)
-        return
-    state = read_state(path)
-    check_same_shape(model.cfg, model_config(state), path)
-    dcp_load({"model": model.state_dict()}, path)
