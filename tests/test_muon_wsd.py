@@ -42,13 +42,19 @@ def test_muon_wsd_resume_is_exact(devices, muon_one, muon_two, tmp_path):
     assert {s: resumed[s] for s in (4, 5, 6)} == {s: train_losses(full)[s] for s in (4, 5, 6)}  # bit for bit
 
 
+# 2 ranks sum their gradients in another order than 1 rank's backward does; Muon's bf16 Newton-Schulz carries that
+# rounding into every element of the update, so 1- and 2-rank losses drift apart by about 1e-5 over 6 steps (AdamW's
+# elementwise update keeps it smaller). A wrong exchange or resharding is off by far more (the losses move 1e-2 a step).
+RESHARD_REL = 1e-4
+
+
 def test_muon_reshards_from_two_processes_to_one(muon_one, muon_two, tmp_path):
     one, two = train_losses(muon_one), train_losses(muon_two)
-    assert all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    assert all(two[s] == pytest.approx(one[s], rel=RESHARD_REL) for s in one)
     out = resume_from(muon_two, 3, tmp_path)
     run_train([f"--data={read_data(muon_two)}", f"--out_dir={out}", *STEPS, *MUON_WSD, "--devices=1"])
     for step in (4, 5, 6):
-        assert train_losses(out)[step] == pytest.approx(two[step], rel=1e-5)
+        assert train_losses(out)[step] == pytest.approx(two[step], rel=RESHARD_REL)
 
 
 def test_resuming_with_another_optimizer_is_refused(muon_one, tmp_path):
