@@ -30,6 +30,7 @@ from training.config import TrainConfig, parse_config
 from training.guard import SpikeGuard
 from training.lock import out_dir_lock
 from training.loop import Progress, StopOnSignal, evaluate, skip_or_stop, train_step
+from training.memory import check_memory
 from training.metrics import MetricsLogger, Throughput, device_peak_flops
 from training.optim import lr_at, make_optimizer, set_lr
 from training.setup import (
@@ -39,6 +40,7 @@ from training.setup import (
     check_init_from,
     init_from_tokenizer,
     launch,
+    local_ranks,
 )
 
 USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, TrainingError, DataError, CheckpointError)
@@ -81,6 +83,7 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
     if resumed_tokenizer is not None:
         check_same_tokenizer(datasets, resumed_tokenizer, "the checkpoint resumed")
     check_attention(cfg, fabric.device)
+    check_planned_memory(cfg, fabric)
 
     model = fabric.setup_module(build_model(cfg))  # built on the meta device; each rank fills only its shards
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
@@ -113,7 +116,10 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
 
     def save() -> None:
         state = {**progress.state_dict(), "config": cfg.to_dict(), "world_size": fabric.world_size}
+        started = time.perf_counter()
         checkpointer.save(progress.step, model, optimizer, state)
+        # how long training waited: the whole write, or with async_save the copy to host memory
+        logger.log(progress.step, {"checkpoint_save_s": time.perf_counter() - started})
 
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=not rank0, dynamic_ncols=True)
     try:
@@ -165,6 +171,20 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
 
     if cfg.sample_prompt and tokenizer is not None and not stop.requested:
         fabric.print(f"sample: {sample(model, tokenizer, cfg, fabric)!r}")
+
+
+def check_planned_memory(cfg: TrainConfig, fabric: Fabric) -> None:
+    """Print the run's memory plan; stop every rank, before anything is allocated, when rank 0 finds it does not fit
+    (rank 0 decides: the free memory each rank reads differs a little)."""
+    refusal, summary = None, ""
+    try:
+        summary = check_memory(cfg, fabric.world_size, local_ranks(cfg), fabric.device).summary()
+    except TrainingError as e:
+        refusal = str(e)
+    refusal = fabric.broadcast(refusal)
+    if refusal is not None:
+        raise TrainingError(refusal)
+    fabric.print(summary)
 
 
 def resolve_datasets(cfg: TrainConfig, fabric: Fabric) -> dict[str, float]:

@@ -17,7 +17,8 @@ Sections (each runs on its own: an error, e.g. out of memory, becomes a row of t
              runs with full activation checkpointing to fit one 141 GB GPU; MFU counts model FLOPs only. Each row
              also says whether torch.compile made one graph of the blocks (graphs and graph breaks counted by
              dynamo in that run) and which attention ran: the model's backend and the operators or kernels seen
-             in one profiled step (SDPA flash / efficient / cuDNN / math, flash-attn).
+             in one profiled step (SDPA flash / efficient / cuDNN / math, flash-attn), and its peak memory beside
+             the memory plan's (training/memory.py) for the same run.
 
 A bf16 result agrees when, for the output and every gradient, its largest absolute error against the fp32 reference
 is at most 2^-6 of the reference's largest magnitude (two bf16 rounding steps at that scale); `err/tol` is the worst
@@ -364,12 +365,14 @@ def attention_ran(record: dict) -> str:
 
 def train_row(record: dict) -> dict:
     peak_mb = record.get("peak_gpu_mb", record.get("peak_rss_mb"))
+    planned_mb = record.get("planned_gpu_mb", record.get("planned_peak_mb"))
     return {
         "layers": record["model"]["n_layers"],
         "params": f"{record['params_total'] / 1e6:,.1f}M",
         "tokens/s": record["tokens_per_s"],
         "MFU": record["mfu"],
         "peak GiB": peak_mb / 1024,
+        "planned GiB": planned_mb / 1024,
         "step ms": record["step_ms"],
         "loss": f"{record['loss_first']:.3f} -> {record['loss_last']:.3f}",
         "block graphs": block_graphs(record),
@@ -415,6 +418,7 @@ COLUMNS = {
         "tokens/s",
         "MFU",
         "peak GiB",
+        "planned GiB",
         "step ms",
         "loss",
         "block graphs",
@@ -449,7 +453,8 @@ def markdown(env: dict, results: dict[str, list[dict]], plan: Plan) -> str:
     notes = {
         "attention": f"{plan.attention}, causal; bf16 against the fp32 math kernel",
         "moe": f"one MoE layer, {plan.moe_batch[0]}x{plan.moe_batch[1]} tokens, bf16 vs fp32 looped experts",
-        "training": "python -m bench.step " + " ".join(plan.train_args) + " (AC: activation checkpointing)",
+        "training": "python -m bench.step " + " ".join(plan.train_args) + " (AC: activation checkpointing; peak: "
+        "torch.cuda.max_memory_allocated, planned: training/memory.py's plan of the run without the CUDA context)",
     }
     for section, rows in results.items():
         lines += [f"## {section}: {notes[section]}", "", markdown_table(rows, COLUMNS[section]), ""]

@@ -4,21 +4,27 @@
     python -m bench.step --config configs/tinyllama-1.1b.yaml --steps 0    # counts only, on the meta device
     python -m bench.step ... --profile true    # then torch.profiler over 3 more steps: operator table on stderr
     python -m bench.step ... --probe true      # then one profiled step: which attention kernels ran
+    python -m bench.step ... --heap true       # CPU: also glibc's heap, its peak bytes in use and held
 
 One step is what train.py runs per optimizer step: forward, backward, gradient clipping, AdamW, over
 global_batch_size / (micro_batch_size x world) micro-batches. tokens_per_s = tokens per step / median step time.
-On a CPU, `mfu` is measured against this machine's own matmul peak in the step's compute dtype (a large
-torch.matmul timed in the same process); on a GPU, against the device's listed bf16 peak. `graphs` and
-`graph_breaks` count what torch.compile made of the blocks (0 and 0 in eager mode; 1 and 0 when every block
-compiled to one shared graph).
+`planned_peak_mb` (CPU) is training/memory.py's planned peak per rank, beside the measured `peak_rss_mb`;
+on CUDA `planned_gpu_mb` (the plan without the context outside torch's allocator) sits beside `peak_gpu_mb`
+(torch.cuda.max_memory_allocated). On a CPU, `mfu` is measured against this machine's own matmul peak in the
+step's compute dtype (a large torch.matmul timed in the same process); on a GPU, against the device's listed bf16
+peak. `graphs` and `graph_breaks` count what torch.compile made of the blocks (0 and 0 in eager mode; 1 and 0 when
+every block compiled to one shared graph).
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,6 +36,7 @@ from model.config import flops_per_token
 from model.llama import Attention, count_parameters
 from training.config import TrainConfig, parse_config
 from training.loop import train_step
+from training.memory import plan_memory, runtime_bytes
 from training.metrics import device_peak_flops
 from training.optim import make_optimizer
 from training.setup import build_model, check_init_from, launch
@@ -40,6 +47,44 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     parser.add_argument("--profile", type=bool, default=False, help="after timing, profile 3 steps; table to stderr")
     parser.add_argument("--probe", type=bool, default=False, help="after timing, profile 1 step: attention kernels")
+    parser.add_argument("--heap", type=bool, default=False, help="CPU: sample glibc's heap, in use and held (peaks)")
+
+
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]  # fmt: skip
+
+
+class HeapSampler:
+    """glibc's heap read every few milliseconds on a thread (mallinfo2): the peak of the bytes in use (allocated,
+    not yet freed) and the peak of the bytes the heap holds (in use, plus freed memory glibc keeps for reuse,
+    training/setup.py: keep_freed_memory). The gap is what the allocator, not the tensors, adds to the RSS."""
+
+    def __init__(self) -> None:
+        self.mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        self.mallinfo2.restype = MallInfo
+        self.in_use = self.held = 0
+        info = self.mallinfo2()
+        self.start = info.uordblks + info.hblkhd
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while self.running:
+            info = self.mallinfo2()
+            self.in_use = max(self.in_use, info.uordblks + info.hblkhd)
+            self.held = max(self.held, info.arena + info.hblkhd)
+            time.sleep(0.002)
+
+    def stop(self) -> dict:
+        self.running = False
+        self.thread.join()
+        return {
+            "heap_in_use_at_start_mb": round(self.start / 2**20, 1),
+            "peak_heap_in_use_mb": round(self.in_use / 2**20, 1),
+            "peak_heap_held_mb": round(self.held / 2**20, 1),
+        }
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -132,6 +177,9 @@ def counts(cfg: TrainConfig) -> dict:
 def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
     """The record of `steps` timed training steps (on rank 0; None on the other ranks)."""
     fabric = launch(cfg)
+    unsaved = dataclasses.replace(cfg, async_save=False)  # the benchmark never saves: no background save's copy
+    plan = plan_memory(unsaved, fabric.world_size, fabric.device.type, runtime_bytes(fabric.device.type))
+    heap = HeapSampler() if cfg.heap and fabric.device.type == "cpu" else None
     model = fabric.setup_module(build_model(cfg))
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fabric.device))
     accum = cfg.grad_accumulation(fabric.world_size)
@@ -174,8 +222,14 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
     if fabric.device.type == "cuda":
         peak = device_peak_flops(fabric.device)
         record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        # what torch's allocator holds at the planned peak: the plan without the context outside it
+        record["planned_gpu_mb"] = round((plan.peak_bytes - plan.breakdown["runtime"]) / 2**20, 1)
     else:
         peak = matmul_peak_flops(compute_dtype(cfg.precision))
+        record["planned_peak_mb"] = round(plan.peak_bytes / 2**20, 1)
+        record["planned_runtime_mb"] = round(plan.breakdown["runtime"] / 2**20, 1)
+        if heap:
+            record.update(heap.stop())
     record.update(
         tokens_per_s=round(tokens_per_s, 1),
         step_ms=round(step_s * 1e3, 2),

@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from model.moe import Routing, sorted_rows
 
 
+BF16_ROW_ALIGN = 64
+
+
 def row_alignment(x: torch.Tensor) -> int:
     """Each expert's slice of rows is padded to a multiple of this: oneDNN builds a bf16 matmul kernel per new row
     count on a CPU (slower and growing memory when the counts change every step; multiples of 64 keep the set of
     shapes small)."""
-    return 64 if x.dtype == torch.bfloat16 else 1
+    return BF16_ROW_ALIGN if x.dtype == torch.bfloat16 else 1
 
 
 class _LoopedExperts(torch.autograd.Function):

@@ -22,6 +22,7 @@ from model.llama import Transformer
 from model.sampling import generate, model_step
 from tests.conftest import TINY_ARGS, read_metrics, run_module, run_train, tiny_config
 from tools import export as export_tool
+from tools import perplexity
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -91,6 +92,18 @@ def test_export_matches_transformers(kind, request):
     if kind == "moe":  # the per-expert layout of save_pretrained, which transformers fuses on load
         assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in hf_weights(hf_dir)
         assert config["num_local_experts"] == 4 and config["router_jitter_noise"] == 0.0
+
+
+def test_perplexity_of_the_export_in_transformers_equals_the_checkpoints(dense, tmp_path, capsys):
+    ckpt, hf_dir = dense
+    text = tmp_path / "text.py"
+    text.write_text("".join(TEXTS) * 3)
+    losses = []
+    for flags in ([f"--checkpoint={ckpt}"], [f"--checkpoint={hf_dir}", "--transformers"]):
+        perplexity.main([*flags, f"--text-file={text}"])
+        losses.append(json.loads(capsys.readouterr().out))
+    assert losses[0]["tokens"] == losses[1]["tokens"] > 0
+    assert losses[1]["loss"] == pytest.approx(losses[0]["loss"], abs=1e-4)
 
 
 def test_tied_embeddings_export(dense, tmp_path):

@@ -1,6 +1,10 @@
 """Held-out loss, perplexity and bits per byte of a checkpoint (or of a proxy-tuned combination); one JSON line.
 
     python -m tools.perplexity --checkpoint DIR (--data DIR | --text-file FILE) [--expert DIR --anti-expert DIR]
+    python -m tools.perplexity --checkpoint HF_DIR --transformers (--data DIR | --text-file FILE)
+
+--transformers loads --checkpoint, a Hugging Face directory (tools.export's output), into transformers and scores
+it there with its tokenizer.model: the same text's loss as the checkpoint it was exported from is export parity.
 
 --data scores the validation split of a prepared dataset in windows of the model's context (--seq-len to change);
 --text-file scores the tokenizer's encoding of the file with BOS first. loss is the mean next-token cross-entropy
@@ -15,6 +19,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +29,7 @@ from data.shards import DataError
 from data.stream import TokenStream, val_batches
 from data.tokenizer import TextBytes, Tokenizer
 from formats.checkpoint import CheckpointError
-from tools.proxy import Scorer, add_model_args, load_scorer
+from tools.proxy import DTYPES, Scorer, add_model_args, load_scorer
 
 BATCH_SIZE = 4
 ALL_WINDOWS = 1 << 30
@@ -35,6 +40,32 @@ def text_windows(ids: list[int], window: int) -> Iterator[tuple[torch.Tensor, to
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor(ids[start : start + window + 1])
         yield chunk[None, :-1], chunk[None, 1:]
+
+
+@dataclass
+class TransformersScorer:
+    """A Hugging Face model directory run by transformers, with the sentencepiece tokenizer.model beside it."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    max_seq_len: int
+    vocab_size: int
+    device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype) -> TransformersScorer:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / "config.json").is_file() or not (path / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model directory (config.json, tokenizer.model)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        cfg = model.config
+        return cls(model, Tokenizer(path / "tokenizer.model"), cfg.max_position_embeddings, cfg.vocab_size)
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens).logits.float()
 
 
 def dataset_batches(
@@ -81,11 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
     p.add_argument("--max-windows", type=int, default=ALL_WINDOWS, help="score at most this many windows (--data)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--transformers", action="store_true", help="--checkpoint is a Hugging Face dir: run transformers")
     args = p.parse_args(argv)
     try:
-        scorer = load_scorer(args)
+        if args.transformers and (args.expert or args.anti_expert):
+            raise ValueError("--transformers scores one model: drop --expert and --anti-expert")
+        if args.transformers:
+            scorer = TransformersScorer.load(args.checkpoint, DTYPES[args.dtype])
+            vocab = scorer.vocab_size
+        else:
+            scorer = load_scorer(args)
+            vocab = scorer.base.cfg.vocab_size
         seq_len = args.seq_len or scorer.max_seq_len
-        vocab = scorer.base.cfg.vocab_size
         if args.data:
             batches = dataset_batches(
                 args.data, args.split, scorer.tokenizer, seq_len, vocab, args.batch_size, args.max_windows

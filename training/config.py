@@ -113,6 +113,8 @@ class TrainConfig:
     # FSDP2 keeping a full unsharded fp32 accumulator per rank between micro-batches.
     grad_sync_every_micro_batch: bool = False
     cpu_kernels: bool = True  # on a CPU, swap in the tested-equal fast paths of cpu_kernels/ (false: the reference)
+    # Before building the model, stop when the memory plan (training/memory.py) exceeds the device's free memory.
+    memory_check: bool = True
     data_workers: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
     sample_prompt: str = "def "  # generated from at the end of training ("" to skip)
@@ -143,6 +145,11 @@ class TrainConfig:
     def grad_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step: the global batch is global, over every rank of every node."""
         per_step = self.micro_batch_size * world_size
+        if per_step > self.global_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) x world size ({world_size}) exceeds global_batch_size "
+                f"({self.global_batch_size}): each rank needs at least one full micro-batch per step"
+            )
         if self.global_batch_size % per_step:
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "

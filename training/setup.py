@@ -60,24 +60,37 @@ def launch(cfg: TrainConfig) -> Fabric:
     return fabric
 
 
+def local_ranks(cfg: TrainConfig) -> int:
+    """Processes on this machine."""
+    return (torchrun_world() or (cfg.devices, cfg.num_nodes))[0]
+
+
 def resolve_accelerator(cfg: TrainConfig) -> str:
     if cfg.accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.accelerator
 
 
-def keep_freed_memory() -> None:
-    """Serve large CPU tensors from glibc's heap and keep freed memory there instead of returning it to the OS.
+HEAP_TENSOR_LIMIT = 64 << 20  # CPU tensors up to this size live in glibc's heap; larger ones are their own mmap
 
-    By default every tensor above 32 MiB is a fresh mmap, so each step's large temporaries (logits, attention
-    scores) page-fault their memory in again; that made memory-bound ops up to 8x slower on the 2-core test machine.
+
+def keep_freed_memory() -> None:
+    """Serve CPU tensors up to HEAP_TENSOR_LIMIT from glibc's heap and keep freed heap memory instead of returning
+    it to the OS; larger tensors are mmapped and returned when freed.
+
+    By default glibc returns freed memory at the heap's top and mmaps ever larger tensors, so each step's
+    temporaries (logits, attention scores) page-fault their memory in again, which made memory-bound ops up to 8x
+    slower. But a heap that also holds large long-lived tensors fragments: at the 1.1B shapes FSDP2's per-unit
+    gradient and all-gather buffers, freed and reallocated around the optimizer state every step, left the heap
+    gigabytes larger than its tensors with a 1 GiB limit. Above the limit a tensor's pages come and go with it; below
+    it the heap still keeps what it freed, which the memory plan leaves out (docs/performance.md).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_mmap_threshold, HEAP_TENSOR_LIMIT)
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
