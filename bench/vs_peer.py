@@ -26,14 +26,17 @@ SHAPES = {  # layers, dim, heads, kv heads, ffn, vocab, seq, batch
 PEER_DTYPE = {"32-true": "fp32", "bf16-true": "bf16", "bf16-mixed": "bf16-mixed"}
 
 
-def ours_args(shape: tuple, precision: str, moe: bool, threads: int, steps: int, warmup: int) -> list[str]:
+def step_flags(shape: tuple, precision: str, moe: bool, threads: int, steps: int, warmup: int) -> list[str]:
+    """bench.step's flags for these shapes (also bench/cpu_kernels.py's), with AdamW as the peer trains (the
+    configs may choose another optimizer)."""
     layers, dim, heads, kv, ffn, vocab, seq, batch = shape
     config = "configs/tiny-moe.yaml" if moe else "configs/tiny.yaml"
     return [
-        "-m", "bench.step", f"--config={config}", f"--model.n_layers={layers}", f"--model.dim={dim}",
+        f"--config={config}", f"--model.n_layers={layers}", f"--model.dim={dim}",
         f"--model.n_heads={heads}", f"--model.n_kv_heads={kv}", f"--model.ffn_dim={ffn}", f"--model.vocab_size={vocab}",
         f"--model.max_seq_len={seq}", f"--seq_len={seq}", f"--micro_batch_size={batch}", f"--global_batch_size={batch}",
         f"--precision={precision}", f"--threads={threads}", f"--steps={steps}", f"--warmup={warmup}",
+        "--optim.name=adamw",
     ]  # fmt: skip
 
 
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     args, extra = p.parse_known_args(argv)
     shape = SHAPES[args.shape]
-    ours = ours_args(shape, args.precision, args.moe, args.threads, args.steps, args.warmup) + extra
+    ours = ["-m", "bench.step", *step_flags(shape, args.precision, args.moe, args.threads, args.steps, args.warmup)]
+    ours += extra
     peer = peer_args(args.peer, shape, args.precision, args.moe, args.threads, args.steps, args.warmup)
     runs: dict[str, list[dict]] = {"ours": [], "peer": []}
     for _ in range(args.rounds):

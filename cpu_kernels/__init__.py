@@ -10,6 +10,8 @@ decode (tools/, formats/checkpoint.py load_model) build the reference model with
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from cpu_kernels.attention import attend
 from cpu_kernels.loss import linear_cross_entropy
 from cpu_kernels.moe import sparse_ffn
@@ -17,16 +19,20 @@ from cpu_kernels.norm import rms_norm
 from model.llama import Attention, RMSNorm, Transformer
 from model.moe import MoEFeedForward
 
+FAST_PATHS = ("loss", "norm", "attention", "moe")
 
-def apply_cpu_kernels(model: Transformer) -> Transformer:
-    """Swap the CPU fast paths into `model` in place (and return it). The matmul attention replaces only the
-    `auto` backend: an explicit `model.attention: sdpa` stays SDPA."""
-    model.loss_fn = linear_cross_entropy
+
+def apply_cpu_kernels(model: Transformer, paths: Collection[str] = FAST_PATHS) -> Transformer:
+    """Swap the CPU fast paths named in `paths` (all by default; bench/cpu_kernels.py leaves one out to measure it)
+    into `model` in place (and return it). The matmul attention replaces only the `auto` backend: an explicit
+    `model.attention: sdpa` stays SDPA."""
+    if "loss" in paths:
+        model.loss_fn = linear_cross_entropy
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if isinstance(module, RMSNorm) and "norm" in paths:
             module.norm_fn = rms_norm
-        elif isinstance(module, Attention) and module.cfg.attention == "auto":
+        elif isinstance(module, Attention) and module.cfg.attention == "auto" and "attention" in paths:
             module.attend_fn = attend
-        elif isinstance(module, MoEFeedForward):
+        elif isinstance(module, MoEFeedForward) and "moe" in paths:
             module.sparse_ffn_fn = sparse_ffn
     return model

@@ -102,6 +102,17 @@ def test_plug_in_swaps_every_fast_path_and_leaves_explicit_sdpa_alone():
     assert block.attn.attend_fn.__module__ == "model.attention"
 
 
+def test_plug_in_leaves_out_the_paths_not_named():
+    """bench/cpu_kernels.py measures each path by leaving it out: its reference must run in its place."""
+    reference = Transformer(tiny_config(num_experts=4))
+    model = apply_cpu_kernels(Transformer(tiny_config(num_experts=4)), paths=["norm", "attention"])
+    block, reference_block = model.layers[0], reference.layers[0]
+    assert model.loss_fn is reference.loss_fn
+    assert block.attn_norm.norm_fn.__module__ == "cpu_kernels.norm"
+    assert block.attn.attend_fn.__module__ == "cpu_kernels.attention"
+    assert block.ffn.sparse_ffn_fn is reference_block.ffn.sparse_ffn_fn
+
+
 @pytest.fixture
 def three_chunks(monkeypatch):
     """Both losses in 3 chunks of 40, 40 and 20 rows (tests.test_model.loss_batch has 100)."""
