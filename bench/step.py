@@ -36,7 +36,7 @@ from model.config import flops_per_token
 from model.llama import Attention, count_parameters
 from training.config import TrainConfig, parse_config
 from training.loop import train_step
-from training.memory import plan_memory, runtime_bytes
+from training.memory import plan_memory, resident_bytes, runtime_bytes
 from training.metrics import device_peak_flops
 from training.optim import make_optimizer
 from training.setup import build_model, check_init_from, launch
@@ -233,7 +233,9 @@ def bench(cfg: TrainConfig, steps: int, warmup: int) -> dict | None:
     record.update(
         tokens_per_s=round(tokens_per_s, 1),
         step_ms=round(step_s * 1e3, 2),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_rss_mb=round(
+            (resident_bytes(peak=True) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20, 1
+        ),
         achieved_gflops=round(achieved / 1e9, 2),
         peak_gflops=round(peak / 1e9, 1) if peak else None,
         mfu=round(achieved / (peak * fabric.world_size), 4) if peak else None,

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from model.moe import Routing, sorted_rows
 
-
 BF16_ROW_ALIGN = 64
 
 

@@ -1,6 +1,7 @@
-"""Mixture of experts against dense (the Mixtral paper's claim at small scale): the default run (configs/tiny.yaml)
+"""Mixture of experts against dense (the Mixtral paper's claim at small scale): the default model (configs/tiny.yaml)
 against configs/tiny-moe.yaml with experts of half the dense FFN width, so that a token passes through as many
-parameters in both (top-2 of 8 experts of width 344 = one FFN of width 688), at equal steps on the default corpus.
+parameters in both (top-2 of 8 experts of width 344 = one FFN of width 688), at equal steps on the default corpus,
+both with AdamW + cosine (OPTIM).
 
     python -m experiments.moe_vs_dense [--quick] [--steps 300]
 
@@ -10,15 +11,13 @@ table.md, results.json and plot.png (validation loss over steps) to runs/experim
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 
-from experiments.common import REPO, log, output_dir, parse_args, pyplot, report, save_figure
+from experiments.common import ADAMW_COSINE, log, output_dir, parse_args, pyplot, report, save_figure, train_py
 from model.llama import count_parameters
 from training.config import parse_config
 
+OPTIM = [*ADAMW_COSINE, "--optim.lr=2e-3", "--optim.min_lr=2e-4"]  # both runs: tiny-moe.yaml's optimizer
 RUNS = {
     "dense (tiny.yaml)": ["--config=configs/tiny.yaml"],
     "MoE 8 experts, top-2 (tiny-moe.yaml, ffn_dim 344)": ["--config=configs/tiny-moe.yaml", "--model.ffn_dim=344"],
@@ -30,7 +29,7 @@ def run(name: str, flags: list[str], steps: int, out) -> list[dict]:
     run_dir = out / ("moe" if "MoE" in name else "dense")
     args = [
         *flags,
-        f"--out_dir={run_dir}",
+        *OPTIM,
         f"--max_steps={steps}",
         f"--eval_every={steps // 3}",
         "--resume=none",
@@ -39,11 +38,7 @@ def run(name: str, flags: list[str], steps: int, out) -> list[dict]:
         "--save_every=0",
     ]
     log(f"train.py {' '.join(args)}")
-    with open(out / f"{run_dir.name}.log", "w") as output:
-        proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"train.py failed for {name}: see {out / f'{run_dir.name}.log'}")
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return train_py(args, run_dir)
 
 
 def main() -> None:

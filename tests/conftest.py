@@ -34,6 +34,10 @@ TINY_ARGS = [f"--model.{k}={v}" for k, v in TINY_MODEL.items()] + [
     "--optim.warmup_steps=2",
     "--optim.lr=3e-3",
     "--optim.min_lr=3e-4",
+    # AdamW + cosine whatever configs/tiny.yaml's default (Muon + WSD): exact 1- vs 2-process comparisons need
+    # AdamW's elementwise update (test_muon_wsd.py runs Muon with its own tolerance)
+    "--optim.name=adamw",
+    "--optim.schedule=cosine",
     "--log_every=1",
 ]
 

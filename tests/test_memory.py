@@ -60,9 +60,8 @@ def test_planned_activations_are_what_autograd_saves(experts, dtype, plugin, seq
 
 def test_plan_against_a_measured_run():
     """bench.step plans the run it measures (tiny, 1 process, activation checkpointing none and full): the planned
-    tensors within 15% of the peak bytes glibc's heap has in use, and the planned peak within 20% of the peak RSS,
-    which also holds the freed memory glibc keeps for reuse (training/setup.py: keep_freed_memory; the table in
-    docs/performance.md)."""
+    tensors within 15% of the peak bytes glibc's heap has in use; the planned peak within 20% of the peak RSS, which
+    also holds the freed memory glibc keeps for reuse (training/setup.py: keep_freed_memory; docs/performance.md)."""
     for ac in ("none", "full"):
         args = ["-m", "bench.step", "--config=configs/tiny.yaml", "--steps=2", "--warmup=1", "--threads=1"]
         proc = run_module([*args, f"--activation_checkpointing={ac}", "--optim.name=adamw", "--heap=true"])

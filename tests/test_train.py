@@ -14,6 +14,7 @@ import pytest
 
 from formats.checkpoint import COMPLETE, complete_checkpoints
 from tests.conftest import REPO, TINY_ARGS, free_port, read_metrics, run_train, subprocess_env, train_losses
+from training.config import parse_config
 
 STEPS = ["--max_steps=6", "--save_every=3", "--keep_last=0", "--eval_every=3"]
 
@@ -227,6 +228,19 @@ def test_config_errors_name_the_key(dataset, tmp_path):
     expect_error(["--global_batch_size=6", f"--data={dataset}", f"--out_dir={tmp_path}"], "global_batch_size")
     expect_error(["--config=configs/nope.yaml"], "nope.yaml")
     expect_error([f"--data={tmp_path / 'missing'}", f"--out_dir={tmp_path}"], "missing", "manifest")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_parses_and_validates(config):
+    cfg = parse_config([f"--config={REPO / 'configs' / config}"])  # parse_config validates
+    assert cfg.config_name == config.removesuffix(".yaml")
+
+
+def test_the_muon_preset_is_the_faithful_one_with_muon_and_wsd():
+    names = ("tinyllama-1.1b", "tinyllama-1.1b-muon")
+    faithful, muon = (parse_config([f"--config={REPO / 'configs' / name}.yaml"]).to_dict() for name in names)
+    faithful["optim"].update(name="muon", schedule="wsd")
+    assert {**muon, "config_name": None} == {**faithful, "config_name": None}
 
 
 def snapshot(run: Path) -> dict[str, bytes]:

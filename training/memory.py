@@ -321,11 +321,15 @@ def fitting_micro_batches(
     }  # fmt: skip
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux's /proc; 0 where there is none)."""
+def resident_bytes(peak: bool = False) -> int:
+    """This process's resident memory now, or its peak (Linux's /proc: VmRSS, VmHWM; 0 where there is none).
+
+    The peak is this program's own: getrusage's ru_maxrss also keeps the high-water mark of the process it was
+    forked from (Linux carries it across exec), so a run started by a large parent, e.g. pytest, reads that."""
+    field = "VmHWM:" if peak else "VmRSS:"
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
     except OSError:
         return 0
 
