@@ -175,16 +175,16 @@ def run(cfg: TrainConfig, fabric: Fabric, out_dir: Path) -> None:
 
 def check_planned_memory(cfg: TrainConfig, fabric: Fabric) -> None:
     """Print the run's memory plan; stop every rank, before anything is allocated, when rank 0 finds it does not fit
-    (rank 0 decides: the free memory each rank reads differs a little)."""
-    refusal, summary = None, ""
-    try:
-        summary = check_memory(cfg, fabric.world_size, local_ranks(cfg), fabric.device).summary()
-    except TrainingError as e:
-        refusal = str(e)
+    (rank 0 alone plans and decides: the free memory each rank reads differs a little)."""
+    refusal = None
+    if fabric.global_rank == 0:
+        try:
+            print(check_memory(cfg, fabric.world_size, local_ranks(cfg), fabric.device).summary())
+        except TrainingError as e:
+            refusal = str(e)
     refusal = fabric.broadcast(refusal)
     if refusal is not None:
         raise TrainingError(refusal)
-    fabric.print(summary)
 
 
 def resolve_datasets(cfg: TrainConfig, fabric: Fabric) -> dict[str, float]:

@@ -17,9 +17,12 @@ import subprocess
 import sys
 
 from bench.tables import markdown_table
+from bench.vs_peer import SHAPES as PEER_SHAPES
 
 MODEL_125M = "--model.n_layers=12 --model.dim=768 --model.n_heads=12 --model.n_kv_heads=4 --model.ffn_dim=2048"
-SMALL = "--model.n_layers=8 --model.dim=512 --model.n_heads=8 --model.n_kv_heads=2 --model.ffn_dim=1376"
+SMALL = "--model.n_layers={} --model.dim={} --model.n_heads={} --model.n_kv_heads={} --model.ffn_dim={}".format(
+    *PEER_SHAPES["small"][:5]  # bench.vs_peer's small shapes
+)
 # shape: (flags, micro-batch per rank); the global batch is one micro-batch per rank, except tiny's own 16
 SHAPES = {
     "tiny": ("--config=configs/tiny.yaml", 8),

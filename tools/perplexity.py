@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--transformers", action="store_true", help="--checkpoint is a Hugging Face dir: run transformers")
     args = p.parse_args(argv)
     try:
-        if args.transformers and (args.expert or args.anti_expert):
-            raise ValueError("--transformers scores one model: drop --expert and --anti-expert")
         if args.transformers:
+            if args.expert or args.anti_expert:
+                raise ValueError("--transformers scores one model: drop --expert and --anti-expert")
             scorer = TransformersScorer.load(args.checkpoint, DTYPES[args.dtype])
             vocab = scorer.vocab_size
         else:
