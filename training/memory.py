@@ -18,8 +18,8 @@ docs/performance.md holds the table of planned against measured peaks. On CUDA t
 (fused RMSNorm, SDPA's flash kernel); bench/gpu_check.py prints the plan beside torch.cuda.max_memory_allocated.
 
 The plan counts bytes in use. An allocator holds more: on a CPU glibc keeps freed heap memory for reuse
-(training/setup.py: keep_freed_memory), which measured 9-24% above the plan's peak with one process and up to 71%
-at mid sizes with two; the plan leaves that out rather than guess it.
+(training/setup.py: keep_freed_memory), which measured 9-20% above the plan's peak with one process and up to 68%
+at mid sizes with two; the plan leaves that out rather than guess it (docs/performance.md: what the allocator adds).
 """
 
 from __future__ import annotations

@@ -89,9 +89,12 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_mmap_threshold, HEAP_TENSOR_LIMIT)
     libc.mallopt(m_trim_threshold, 1 << 31)
+    # One heap for every thread: gloo's threads otherwise get heaps of their own, which keep the collectives' freed
+    # buffers where the main thread's tensors cannot reuse them.
+    libc.mallopt(m_arena_max, 1)
 
 
 def wait_for_master(host: str, port: int, cfg: TrainConfig) -> None:
