@@ -52,7 +52,7 @@ def measure(shape: str, devices: int, ac: str, steps: int) -> dict:
     if proc.returncode != 0:
         sys.exit(f"error: python {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    measured = record.get("peak_rss_mb", record.get("peak_gpu_mb"))
+    measured = record.get("peak_gpu_mb", record["peak_rss_mb"])  # bench.step reports the RSS on CUDA too
     planned = record.get("planned_peak_mb", record.get("planned_gpu_mb"))
     row = {
         "shape": shape,

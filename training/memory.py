@@ -355,8 +355,10 @@ def check_memory(cfg: TrainConfig, world_size: int, local_ranks: int, device: to
     the memory available to each of the `local_ranks` ranks on this machine."""
     runtime = runtime_bytes(device.type)
     plan = plan_memory(cfg, world_size, device.type, runtime)
+    if not cfg.memory_check:
+        return plan
     available = available_bytes(device, local_ranks)
-    if not cfg.memory_check or plan.peak_bytes - runtime <= available:
+    if plan.peak_bytes - runtime <= available:
         return plan
     fits = fitting_micro_batches(cfg, world_size, device.type, runtime, available)
     raise TrainingError(
